@@ -1,0 +1,331 @@
+"""PVTv2: Pyramid Vision Transformer v2 (Wang et al., arXiv 2106.13797), one file, top to bottom.
+
+The three changes over PVTv1, and where they live here:
+
+1. Overlapping patch embedding (``OverlapPatchEmbed``): a 7x7/stride-4 conv, then 3x3/stride-2
+   convs between stages, each followed by LayerNorm, so every token sees its neighbours.
+2. No positional embedding; a 3x3 depthwise conv inside the MLP (``ConvMlp``) lets the model
+   learn position from zero padding, so any input size works, square or not.
+3. Spatial-reduction attention (``SpatialReductionAttention``): keys/values come from a
+   strided-conv-reduced map (``sr_ratio``) or, with linear SRA, from a map pooled to a fixed
+   7x7 grid, so attention cost grows linearly with the number of pixels.
+
+Tokens travel between modules as ``(B, N, C)`` with ``N = H * W`` in row-major order; a
+``(B, N, C)`` tensor viewed as ``(B, H, W, C)`` and permuted to NCHW is a channels-last map,
+so the convolutions inside a stage cost no layout copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MIN_INPUT_SIZE = 32
+"""Smallest input side: stage 1 must hold at least one 8x8 spatial-reduction window."""
+
+LINEAR_SRA_POOL = 7
+"""Linear SRA pools keys/values to this fixed grid, whatever the input size."""
+
+
+@dataclass(frozen=True)
+class PvtV2Config:
+    """Architecture of one PVTv2 variant (see REFERENCE.md's table)."""
+
+    embed_dims: tuple[int, int, int, int] = (64, 128, 320, 512)
+    depths: tuple[int, int, int, int] = (3, 4, 6, 3)
+    mlp_ratios: tuple[float, float, float, float] = (8, 8, 4, 4)
+    num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+    linear_sra: bool = False
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescale the survivors."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    return x * mask.div_(keep_prob)
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C) -> (B, C, H, W) as a channels-last view (no copy)."""
+    B, _, C = x.shape
+    return x.view(B, hw[0], hw[1], C).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); free when the map is channels-last."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv with kernel > stride (overlapping patches), then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as released
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)  # (B, C_in, H, W) -> (B, C, H/s, W/s)
+        hw = (x.shape[2], x.shape[3])
+        return self.norm(map_to_tokens(x)), hw  # (B, N, C)
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a spatially reduced copy of the tokens.
+
+    ``sr_ratio > 1``: a conv with kernel = stride = sr_ratio shrinks the map by sr_ratio per side.
+    ``linear=True``: the map is average-pooled to 7x7, then a 1x1 conv, LayerNorm and GELU;
+    ``sr_ratio`` is ignored, so keys/values are always 49 tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        sr_ratio: int = 1,
+        linear: bool = False,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.linear = linear
+        self.sr_ratio = 1 if linear else sr_ratio
+        self.attn_drop = attn_drop
+
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if linear:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1)  # applied as a linear layer on 49 tokens
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+            self.act = None
+        else:
+            self.sr = self.norm = self.act = None
+
+    def reduce(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Tokens the keys/values are computed from: (B, N, C) -> (B, M, C)."""
+        if self.linear:
+            x = pool_tokens(x, hw, LINEAR_SRA_POOL)  # (B, 49, C)
+            x = F.linear(x, self.sr.weight.flatten(1), self.sr.bias)  # 1x1 conv == linear
+            return self.act(self.norm(x))
+        if self.sr is not None:
+            x = map_to_tokens(self.sr(tokens_to_map(x, hw)))  # (B, N / sr^2, C)
+            return self.norm(x)
+        return x
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
+        kv = self.kv(self.reduce(x, hw))  # (B, M, 2C)
+        k, v = kv.view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, M, d)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, h, N, d)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
+    """Adaptive average pool of a token map to ``size x size``: (B, H*W, C) -> (B, size^2, C).
+
+    When both sides are multiples of ``size`` this is a plain block mean on the channels-last
+    tokens, which avoids the NCHW round trip of ``adaptive_avg_pool2d``.
+    """
+    B, _, C = x.shape
+    H, W = hw
+    if H == size and W == size:
+        return x
+    if H % size == 0 and W % size == 0:
+        kh, kw = H // size, W // size
+        return x.view(B, size, kh, size, kw, C).mean(dim=(2, 4)).view(B, size * size, C)
+    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, hw), size))
+
+
+class ConvMlp(nn.Module):
+    """fc1 -> [ReLU in linear mode] -> 3x3 depthwise conv -> GELU -> fc2.
+
+    The depthwise conv, with zero padding at the border, stands in for positional embeddings.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, extra_relu: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = self.relu(self.fc1(x))  # (B, N, C) -> (B, N, hidden)
+        x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))  # (B, N, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        sr_ratio: int,
+        linear: bool,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, linear, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop, extra_relu=linear)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class Stage(nn.Module):
+    """Patch embedding (downsampling), a stack of blocks, a final LayerNorm; NCHW in and out."""
+
+    def __init__(self, in_chans: int, dim: int, depth: int, first: bool, num_heads: int, mlp_ratio: float,
+                 sr_ratio: int, linear: bool, drop: float, attn_drop: float, drop_paths: Sequence[float]):
+        super().__init__()
+        self.patch_embed = OverlapPatchEmbed(in_chans, dim, patch_size=7 if first else 3, stride=4 if first else 2)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, sr_ratio, linear, drop, attn_drop, dp) for dp in drop_paths
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self.patch_embed(x)  # (B, C_in, H, W) -> (B, N, C)
+        for block in self.blocks:
+            if self.grad_checkpointing and x.requires_grad:
+                x = checkpoint(block, x, hw, use_reentrant=False)
+            else:
+                x = block(x, hw)
+        x = self.norm(x)
+        return tokens_to_map(x, hw).contiguous()  # (B, C, H, W), NCHW-contiguous for users
+
+
+class PyramidVisionTransformerV2(nn.Module):
+    """PVTv2 classifier and backbone.
+
+    ``forward(x)`` -> logits ``(B, num_classes)``; ``forward_features(x)`` -> four NCHW maps at
+    strides 4, 8, 16, 32 (for detection / segmentation necks).
+    """
+
+    def __init__(
+        self,
+        config: PvtV2Config = PvtV2Config(),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.num_features = config.embed_dims[-1]
+        # Official rule: drop-path rate rises linearly over all blocks of all stages.
+        dpr = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        stages, start, prev_dim = [], 0, in_chans
+        for i, (dim, depth) in enumerate(zip(config.embed_dims, config.depths)):
+            stages.append(Stage(
+                prev_dim, dim, depth, first=i == 0, num_heads=config.num_heads[i], mlp_ratio=config.mlp_ratios[i],
+                sr_ratio=config.sr_ratios[i], linear=config.linear_sra, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_paths=dpr[start:start + depth],
+            ))
+            start, prev_dim = start + depth, dim
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: less activation memory, ~30% more compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0 = no head)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        init_weights(self.head)
+
+    def check_input_size(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"PVTv2 expects a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H < MIN_INPUT_SIZE or W < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"input {H}x{W} is too small for PVTv2: each side must be at least {MIN_INPUT_SIZE} pixels "
+                f"(stage 1 needs an 8x8 spatial-reduction window); resize or pad your images"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)]."""
+        self.check_input_size(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage map (B, C4, h, w) -> logits (B, num_classes): global mean, then linear."""
+        return self.head(x.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x)[-1])
+
+
+def init_weights(m: nn.Module) -> None:
+    """The official initialisation: truncated normal(0.02) linears, He-normal (fan-out) convs."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
