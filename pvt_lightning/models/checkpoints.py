@@ -162,7 +162,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
         state = to_our_layout(state)
     own = model.state_dict()
     head = head_prefix(model)
-    dropped_head = [k for k in state if k.startswith(head) and (k not in own or own[k].shape != state[k].shape)]
+    dropped_head = [k for k in state if k.startswith(head) and _is_other_class_count(state[k], own.get(k))]
     for key in dropped_head:
         state.pop(key)
     if dropped_head:
@@ -182,6 +182,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
         )
     model.load_state_dict(state, strict=False)
     return dropped_head
+
+
+def _is_other_class_count(saved: torch.Tensor, own: torch.Tensor | None) -> bool:
+    """A head tensor for another number of classes (same feature width), or a model without a head."""
+    return own is None or (saved.shape != own.shape and saved.shape[1:] == own.shape[1:])
 
 
 def _listing(what: str, keys: list[str], limit: int = 8) -> str:
