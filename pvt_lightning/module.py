@@ -118,8 +118,10 @@ class ImageClassifier(L.LightningModule):
             images, targets = self.mix(images, targets)  # targets become (B, num_classes) probabilities
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
+        # One value per epoch in TensorBoard (tags line up across runs); the step loss goes to the progress bar.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=images.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
