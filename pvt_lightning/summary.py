@@ -1,0 +1,230 @@
+"""Reading runs back: run directories, ``summary.json``, TensorBoard scalars, and the seed-style table.
+
+A run directory is any folder under a logdir holding ``summary.json`` (written by ``run.py`` at the
+end of training) and/or TensorBoard event files (so interrupted runs still show up, from their
+events). ``experiments/compare.py`` and the notebooks build on these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SUMMARY_FILE = "summary.json"
+EVENTS_GLOB = "events.out.tfevents.*"
+MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb", "memory/peak_rss_mb")
+"""In order of preference for the table's one memory figure (reserved is what nvidia-smi shows)."""
+
+COLUMNS = ("run", "model", "input", "params_m", "gmacs", "epoch_time_s", "peak_memory_mb", "memory_device",
+           "precision", "recall", "pr_of", "accuracy", "best_epoch", "epochs")
+"""Keys of a ``runs_table`` row; ``pr_of`` is "macro" or the positive class the precision/recall are of."""
+
+Series = list[tuple[int, float]]
+
+
+def find_runs(logdir: str | Path, filter: str | None = None) -> list[Path]:
+    """Run directories under ``logdir`` (sorted), keeping those whose path below it contains ``filter``."""
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise FileNotFoundError(f"log directory {logdir} does not exist; pass the --logdir your runs were written to")
+    candidates = {path.parent for path in logdir.rglob(SUMMARY_FILE)}
+    candidates |= {path.parent for path in logdir.rglob(EVENTS_GLOB)}
+    runs = sorted(candidates)
+    if filter:
+        runs = [run for run in runs if filter in run.relative_to(logdir).as_posix()]
+    return runs
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or an empty dict for a run that did not finish."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, Series]:
+    """Every (or the given) scalar tag of the run's event files, as ``[(step, value), ...]`` in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0}).Reload()  # 0: keep every point
+    available = accumulator.Tags()["scalars"]
+    wanted = available if tags is None else [tag for tag in tags if tag in available]
+    return {tag: sorted((event.step, event.value) for event in accumulator.Scalars(tag)) for tag in wanted}
+
+
+def logged_per_epoch(tag: str) -> bool:
+    """Whether ``tag`` is one the callbacks log at step = epoch.
+
+    The module's tags (``train/loss``, ``val/acc``, ...: one slash) are logged by Lightning at the
+    global step instead, next to an ``epoch`` scalar that maps one to the other.
+    """
+    return tag.startswith(("time/", "throughput/", "memory/")) or tag.count("/") >= 2
+
+
+def epoch_series(scalars: dict[str, Series], tag: str) -> Series:
+    """``(epoch, value)`` points of ``tag``, whichever way it was stepped."""
+    points = scalars.get(tag, [])
+    if logged_per_epoch(tag):
+        return points
+    epoch_at_step = {step: int(value) for step, value in scalars.get("epoch", [])}
+    return [(epoch_at_step[step], value) for step, value in points if step in epoch_at_step]
+
+
+def model_name(variant: str, linear_sra: bool | None) -> str:
+    """The seed table's model names: ``pvt_v2_b5``, ``pvt_v2_b0_li`` (linear SRA on), ``resnet50``."""
+    name = variant if variant.startswith(("pvt_v2_", "resnet")) else f"pvt_v2_{variant}"
+    return f"{name}_li" if linear_sra and not name.endswith("_li") else name
+
+
+def _last(series: Series) -> float | None:
+    return series[-1][1] if series else None
+
+
+def _positive_tags(scalars: dict[str, Series], positive_class: str | None) -> tuple[str, str] | None:
+    """The ``val/positive/{precision,recall}/<class>`` tags of the run, if it had a positive class."""
+    names = [positive_class] if positive_class else sorted(
+        tag.rsplit("/", 1)[1] for tag in scalars if tag.startswith("val/positive/precision/"))
+    for name in names[:1]:
+        tags = (f"val/positive/precision/{name}", f"val/positive/recall/{name}")
+        if all(tag in scalars for tag in tags):
+            return tags
+    return None
+
+
+def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, Any]:
+    """One table row: figures from ``summary.json`` where the run has one, from its events otherwise."""
+    run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
+    scalars = load_scalars(run_dir)
+    metrics = summary.get("metrics") or {tag: _last(epoch_series(scalars, tag)) for tag in
+                                         ("val/acc", "val/precision", "val/recall")}
+    accuracy = epoch_series(scalars, "val/acc")
+    memory_tag = next((tag for tag in MEMORY_TAGS if tag in scalars), None)
+    img_size = summary.get("img_size")
+    row = {
+        "run": run_dir.relative_to(logdir).as_posix() if logdir else run_dir.as_posix(),
+        "model": model_name(summary["variant"], summary.get("linear_sra")) if "variant" in summary else None,
+        "input": f"{img_size[0]}x{img_size[1]}" if img_size else None,
+        "params_m": summary.get("params_m"),
+        "gmacs": summary.get("gmacs"),
+        "epoch_time_s": summary.get("epoch_time_s"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "memory_device": summary.get("memory_device"),
+        "precision": metrics.get("val/precision"),
+        "recall": metrics.get("val/recall"),
+        "pr_of": "macro",
+        "accuracy": metrics.get("val/acc"),
+        "best_epoch": (summary.get("best") or {}).get("epoch"),
+        "epochs": summary.get("epochs"),
+    }
+    if not summary:  # an unfinished run: what its events say
+        times = [value for _, value in scalars.get("time/epoch_s", [])]
+        best = max(accuracy, key=lambda point: point[1]) if accuracy else None
+        row.update(
+            epoch_time_s=sum(times) / len(times) if times else None,
+            peak_memory_mb=max(value for _, value in scalars[memory_tag]) if memory_tag else None,
+            memory_device=None if memory_tag is None else "cpu" if memory_tag.endswith("rss_mb") else "cuda",
+            best_epoch=best[0] if best else None,
+            epochs=len(accuracy) or None,
+        )
+    positive = _positive_tags(scalars, summary.get("positive_class"))
+    if positive:
+        row.update(precision=_last(scalars[positive[0]]), recall=_last(scalars[positive[1]]),
+                   pr_of=positive[0].rsplit("/", 1)[1])
+    return row
+
+
+def runs_table(logdir: str | Path, filter: str | None = None) -> list[dict[str, Any]]:
+    """One row per run under ``logdir`` (keys: ``COLUMNS``), in path order."""
+    return [run_row(run, logdir) for run in find_runs(logdir, filter)]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _memory(row: dict[str, Any]) -> str:
+    if row["peak_memory_mb"] is None:
+        return "-"
+    where = {"cuda": "GPU", "cpu": "RSS"}.get(row["memory_device"], "")
+    return f"{row['peak_memory_mb']:.0f} MB {where}".rstrip()
+
+
+def display_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the seed's table (percentages, minutes, MB)."""
+    header = ["model", "input", "params (M)", "GMACs", "time / epoch", "peak memory", "precision / recall",
+              "accuracy", "best epoch", "run"]
+    cells = []
+    for row in rows:
+        pr = f"{_percent(row['precision'])} / {_percent(row['recall'])}"
+        if row["pr_of"] != "macro":
+            pr += f" ({row['pr_of']})"
+        cells.append([
+            row["model"] or "?", row["input"] or "?",
+            "-" if row["params_m"] is None else f"{row['params_m']:.2f}",
+            "-" if row["gmacs"] is None else f"{row['gmacs']:.3f}",
+            _duration(row["epoch_time_s"]), _memory(row), pr, _percent(row["accuracy"]),
+            "-" if row["best_epoch"] is None else str(row["best_epoch"]), row["run"],
+        ])
+    return header, cells
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The table as GitHub Markdown."""
+    header, cells = display_rows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def format_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The table with aligned columns, for a terminal."""
+    header, cells = display_rows(rows)
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [header, *cells]) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Raw numbers (fractions, seconds, MB), one row per run, columns ``COLUMNS``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_runs(logdir: str | Path, tags: Sequence[str], out_path: str | Path, filter: str | None = None) -> list[str]:
+    """One PNG with a panel per tag (those any run has), one line per run against the epoch.
+
+    Returns the tags plotted; an empty list means no run had any of them and nothing was written.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    runs = find_runs(logdir, filter)
+    series = {run.relative_to(logdir).as_posix(): load_scalars(run) for run in runs}
+    present = [tag for tag in tags if any(tag in scalars for scalars in series.values())]
+    if not present:
+        return []
+    figure = Figure(figsize=(6 * len(present), 4), dpi=100)
+    for i, tag in enumerate(present):
+        ax = figure.add_subplot(1, len(present), i + 1)
+        for name, scalars in series.items():
+            points = epoch_series(scalars, tag)
+            if points:
+                ax.plot([epoch for epoch, _ in points], [value for _, value in points], marker="o", label=name)
+        ax.set_title(tag)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out_path)
+    return present
