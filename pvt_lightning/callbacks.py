@@ -104,13 +104,14 @@ class ClassificationReport(L.Callback):
             "precision": MulticlassPrecision(num_classes, average=None),
             "recall": MulticlassRecall(num_classes, average=None),
             "confusion": MulticlassConfusionMatrix(num_classes),
-        })
+        }, compute_groups=[["precision", "recall"], ["confusion"]])  # explicit: inferred groups can merge wrongly
         # Binned: memory O(thresholds x classes) however large the validation set.
         self.pr_curve = MulticlassPrecisionRecallCurve(num_classes, thresholds=pr_curve_thresholds)
         self.positive = None
         if positive_class is not None:
             self.positive_index = self.class_names.index(positive_class)
-            self.positive = MetricCollection({"precision": BinaryPrecision(threshold), "recall": BinaryRecall(threshold)})
+            self.positive = MetricCollection({"precision": BinaryPrecision(threshold), "recall": BinaryRecall(threshold)},
+                                             compute_groups=[["precision", "recall"]])
         self.last_scalars: dict[str, float] = {}
         """Scalars of the latest validation epoch, by tag (the CLI can copy the positive-class ones)."""
 
