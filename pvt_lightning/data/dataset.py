@@ -1,0 +1,132 @@
+"""The Dataset a DataLoader worker runs: read, decode, transform, and the bad-image policy."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate, get_worker_info
+
+from .decode import read_image
+from .errors import BadImageError, DataError
+from .folders import Sample
+
+log = logging.getLogger("pvt_lightning.data")
+
+BAD_IMAGE_POLICIES = ("skip", "error")
+_MAX_REPLACEMENTS = 16
+
+
+class BadImageLog:
+    """Paths of undecodable images, shared by all worker processes through an append-only text file.
+
+    A line of a few hundred bytes appended with O_APPEND lands whole even when two workers write at
+    once, so no lock is needed; each path is logged (warning) and written once.
+    """
+
+    def __init__(self, file: str | Path) -> None:
+        self.file = Path(file)
+
+    def paths(self) -> list[str]:
+        if not self.file.exists():
+            return []
+        return sorted(set(self.file.read_text(encoding="utf-8").splitlines()))
+
+    def add(self, error: BadImageError) -> None:
+        if error.path in self.paths():
+            return
+        log.warning("skipping unreadable image %s: %s (bad_images='skip'; use 'error' to stop instead)",
+                    error.path, error.reason)
+        with open(self.file, "a", encoding="utf-8") as handle:
+            handle.write(error.path.replace("\n", " ") + "\n")
+
+
+class ImageDataset(Dataset):
+    """``samples`` -> (uint8 image tensor (3, H, W), class index) or, with ``with_paths``, (image, path).
+
+    Bad files: ``bad_images="error"`` raises a DataError naming the path. ``"skip"`` records the path
+    in ``bad_log`` and, if ``replace_bad``, returns another sample instead (training keeps its batch
+    size) or else returns None, which ``CollateDroppingBad`` removes from the batch (evaluation
+    and prediction neither count nor name an image twice).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable,
+        bad_log: BadImageLog,
+        bad_images: str = "skip",
+        replace_bad: bool = False,
+        with_paths: bool = False,
+        min_side: int = 0,
+    ) -> None:
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        self.samples = samples
+        self.transform = transform
+        self.bad_log = bad_log
+        self.bad_images = bad_images
+        self.replace_bad = replace_bad
+        self.with_paths = with_paths
+        self.min_side = min_side
+        self._known_bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for attempt in range(_MAX_REPLACEMENTS):
+            candidate = (index + attempt * 7919) % len(self.samples)  # a prime stride reaches other classes/folders
+            if candidate in self._known_bad:
+                continue
+            try:
+                return self._load(candidate)
+            except BadImageError as error:
+                if self.bad_images == "error":
+                    raise DataError(f"cannot decode image {error.path}: {error.reason}; delete or replace the "
+                                    "file, or use bad_images='skip' to skip unreadable files") from None
+                self._known_bad.add(candidate)
+                self.bad_log.add(error)
+                if not self.replace_bad:
+                    return None
+        raise DataError(f"{_MAX_REPLACEMENTS} images in a row failed to decode near {self.samples[index][0]}; "
+                        f"the dataset looks broken (see {self.bad_log.file})")
+
+    def _load(self, index: int):
+        path, label = self.samples[index]
+        image = self.transform(image=read_image(path, self.min_side))["image"]  # uint8 (H, W, 3)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3, H, W), a view
+        return (tensor, path) if self.with_paths else (tensor, label)
+
+    def reseed(self, seed: int) -> None:
+        """Give this process's copy of the augmentation its own random stream (workers start as clones)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed % 2**32)
+
+
+class CollateDroppingBad:
+    """default_collate after removing the None entries that skipped bad images leave in a batch."""
+
+    def __init__(self, img_size: tuple[int, int], with_paths: bool) -> None:
+        self.img_size = img_size
+        self.with_paths = with_paths
+
+    def __call__(self, batch: list):
+        kept = [item for item in batch if item is not None]
+        if kept:
+            return default_collate(kept)
+        empty = torch.empty(0, 3, *self.img_size, dtype=torch.uint8)  # a whole batch of bad files
+        return (empty, []) if self.with_paths else (empty, torch.empty(0, dtype=torch.long))
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, and distinct augmentation seeds."""
+    import cv2
+
+    cv2.setNumThreads(0)
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageDataset):
+        info.dataset.reseed(info.seed)

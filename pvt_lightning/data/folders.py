@@ -1,0 +1,89 @@
+"""Finding and checking ImageFolder datasets: class folders -> (path, class index) samples.
+
+Every problem a user can cause is a ``DataError`` naming the folder and the fix, raised while the
+data module is set up, i.e. before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .decode import IMAGE_EXTENSIONS, is_image_file
+from .errors import DataError
+
+Sample = tuple[str, int]
+"""(file path, class index)."""
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``root``: the class names."""
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; check the path (expected class folders, or train/ and val/)")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is a file, not a folder of class folders")
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not names:
+        loose = sum(1 for p in root.iterdir() if is_image_file(p))
+        hint = f" ({loose} images lie directly in it: move them into one folder per class)" if loose else ""
+        raise DataError(f"{root} has no class folders{hint}; expected {root}/<class name>/<images>")
+    return names
+
+
+def list_images(folder: Path) -> list[str]:
+    """All image files under ``folder`` (recursively, sorted, hidden files skipped)."""
+    found = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(os.path.join(directory, name) for name in sorted(files) if is_image_file(name))
+    return found
+
+
+def scan_split(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of one class-folder root; with ``class_names``, the folders must match them."""
+    names = class_folders(root)
+    if class_names is not None and names != class_names:
+        raise DataError(
+            f"the classes in {root} differ from the training classes:\n"
+            f"  train: {', '.join(class_names)}\n  {root.name}: {', '.join(names)}\n"
+            "every split needs the same class folders (add the missing ones, even with few images)"
+        )
+    samples: list[Sample] = []
+    for index, name in enumerate(names):
+        images = list_images(root / name)
+        if not images:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(f"class folder {root / name} contains no images ({extensions}); add images or remove the folder")
+        samples.extend((path, index) for path in images)
+    return names, samples
+
+
+def check_enough_classes(class_names: list[str], root: Path) -> None:
+    if len(class_names) < 2:
+        raise DataError(f"{root} has {len(class_names)} class folder ({', '.join(class_names)}); "
+                        "classification needs at least 2 classes, one folder each")
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split into (train, val), taking ``fraction`` of every class (at least one image) into val.
+
+    Deterministic for a given seed and file list; classes with a single image stay in train.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"val_split must be a fraction between 0 and 1, got {fraction}")
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample[1]].append(sample)
+    rng = np.random.default_rng(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = rng.permutation(len(members))
+        n_val = min(max(1, round(fraction * len(members))), len(members) - 1)
+        val.extend(members[i] for i in sorted(order[:n_val]))
+        train.extend(members[i] for i in sorted(order[n_val:]))
+    return train, val

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real image folders written to tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Distinct, easily learnt colours: class i of a generated folder is mostly this colour.
+_PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 220),
+            (240, 140, 30), (120, 120, 120)]
+
+
+def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 95) -> Path:
+    """Write an RGB uint8 (H, W, 3) array as a real JPEG file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok, path
+    path.write_bytes(encoded.tobytes())
+    return path
+
+
+def make_image_folder(
+    root: str | Path,
+    classes: Sequence[str] = ("a", "b"),
+    per_class: int = 8,
+    size: tuple[int, int] = (40, 40),
+    split: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write an ImageFolder of real JPEGs: ``root/{train,val}/<class>/NNN.jpg`` (or ``root/<class>/`` with split=False).
+
+    Class i is a noisy image around a distinct colour, so tiny models can learn it. ``size`` is
+    (height, width); each split gets ``per_class`` images per class. Returns ``root``.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split_name in ("train", "val") if split else ("",):
+        for index, name in enumerate(classes):
+            colour = np.array(_PALETTE[index % len(_PALETTE)], dtype=np.float32)
+            for n in range(per_class):
+                pixels = colour + rng.normal(0, 25, (*size, 3))
+                write_jpeg(root / split_name / name / f"{n:03d}.jpg", np.clip(pixels, 0, 255).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(name="make_image_folder")
+def make_image_folder_fixture() -> Callable[..., Path]:
+    """The ``make_image_folder(root, classes, per_class, size, split)`` factory."""
+    return make_image_folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A 2-class train/val folder of 8 + 8 small JPEGs per class."""
+    return make_image_folder(tmp_path / "data")
