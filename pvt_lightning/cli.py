@@ -117,6 +117,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--name", default=d(None), help="run name (default: variant, li, HxW, e.g. b2_li_384x224)")
     run.add_argument("--resume", default=d(None), metavar="PATH|last",
                      help="continue from a checkpoint; 'last' = newest last.ckpt of the run --name")
+    run.add_argument("--checkpoint-every-steps", type=int, default=d(0), metavar="N",
+                     help="also save last.ckpt every N training steps (0 = off)")
+    run.add_argument("--checkpoint-every-minutes", type=float, default=d(30.0), metavar="M",
+                     help="also save last.ckpt every M minutes of training (0 = off); SIGTERM always saves it")
     run.add_argument("--config", default=d(None), metavar="FILE.yaml",
                      help="YAML of flag: value (any flag above); the command line overrides it")
     run.add_argument("--limit-train-batches", type=_limit, default=d(None), help="quick look: batches (int) or "
@@ -216,6 +220,8 @@ def validate_args(args: argparse.Namespace) -> None:
         (0 < args.crop_pct <= 1, "--crop-pct must be in (0, 1]"),
         (0 <= args.threshold <= 1, "--threshold must be in [0, 1]"),
         (args.num_workers >= 0, "--num-workers must be >= 0"),
+        (args.checkpoint_every_steps >= 0, "--checkpoint-every-steps must be >= 0 (0 = off)"),
+        (args.checkpoint_every_minutes >= 0, "--checkpoint-every-minutes must be >= 0 (0 = off)"),
         (is_pvt_v2(args.variant) or not args.linear_sra, "--linear-sra applies to PVTv2 variants, not resnet50"),
         (is_pvt_v2(args.variant) or not args.grad_checkpointing, "--grad-checkpointing applies to PVTv2 variants"),
         (not (args.predict and not args.checkpoint), "--predict DIR needs --checkpoint CKPT"),
@@ -306,6 +312,7 @@ def train(args: argparse.Namespace) -> int:
     from .callbacks import default_callbacks
     from .checkpointing import AtomicCheckpointIO
     from .module import ImageClassifier, scaled_lr
+    from .reliability import LastCheckpointSaver, StopOnNonFiniteLoss, explain_stops
 
     demo = args.data is None
     if demo:
@@ -320,6 +327,9 @@ def train(args: argparse.Namespace) -> int:
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = make_datamodule(args, data_dir)
     datamodule.setup("fit")  # validates the folders now, before any model is built
+    if args.positive_class is not None and args.positive_class not in datamodule.class_names:
+        raise UsageError(f"--positive-class {args.positive_class!r} is not a class of {data_dir}; choose one of: "
+                         f"{', '.join(datamodule.class_names)}")
 
     name = args.name or default_run_name(args)
     run_root = Path(args.logdir).expanduser() / name
@@ -349,7 +359,8 @@ def train(args: argparse.Namespace) -> int:
         dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
         auto_insert_metric_name=False, monitor="val/acc", mode="max", save_last=True, save_top_k=1,
     )
-    callbacks = [checkpoint,
+    callbacks = [checkpoint, StopOnNonFiniteLoss(),
+                 LastCheckpointSaver(checkpoint, args.checkpoint_every_steps, args.checkpoint_every_minutes),
                  *default_callbacks(datamodule.class_names, positive_class=args.positive_class,
                                     threshold=args.threshold)]
     if args.ema:
@@ -364,7 +375,8 @@ def train(args: argparse.Namespace) -> int:
              f"precision {args.precision} | run dir {run_dir}")
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    with explain_stops(trainer, args):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     if not trainer.is_global_zero:
         return 0
     summary = build_summary(trainer, module, datamodule, checkpoint, complexity, args)
@@ -545,6 +557,7 @@ def _demo_dir() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
+    from .reliability import RunStopped
 
     try:
         args, explicit = parse_args(argv)
@@ -557,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, DataError, CheckpointError) as err:
         print(f"pvt-lightning: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"pvt-lightning: stopped: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":
