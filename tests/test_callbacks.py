@@ -243,12 +243,17 @@ def test_every_epoch_tag_has_one_value_per_epoch(trained_runs, name):
     assert [event.step for event in acc.Tensors("val/pr_curve/red")] == list(range(EPOCHS))
 
 
+def assert_pr_counts_cover_the_validation_set(acc: EventAccumulator) -> None:
+    """At threshold 0 every image is called positive: TP = the class's 4 images, FP = the other 8."""
+    for name in CLASSES:
+        curve = np.array(acc.Tensors(f"val/pr_curve/{name}")[-1].tensor_proto.float_val).reshape(6, -1)
+        tp, fp, tn, fn = curve[:4, 0]  # rows: TP, FP, TN, FN, precision, recall; columns: thresholds 0..1
+        assert (tp, fp, tn, fn) == (4, 8, 0, 0), name
+
+
 def test_pr_curve_counts_cover_the_whole_validation_set(trained_runs):
     *_, run_dir = trained_runs["b0_32x32"]
-    curve = torch.from_numpy(np.array(events(run_dir).Tensors("val/pr_curve/blue")[-1].tensor_proto.float_val))
-    tp, fp, tn, fn = curve.reshape(6, -1)[:4, 0]  # at threshold 0 everything is predicted positive
-    assert (tp + fn, fp + tn) == (4, 8)
-    assert (tp, fp) == (4, 8)
+    assert_pr_counts_cover_the_validation_set(events(run_dir))
 
 
 def test_precision_recall_equal_a_direct_computation(trained_runs, jpeg_data):
@@ -321,6 +326,7 @@ def test_ddp_metrics_cover_both_ranks(jpeg_data, tmp_path):
     model = ImageClassifier("b0", num_classes=len(CLASSES), class_names=CLASSES, img_size=(IMG_SIZE, IMG_SIZE))
     model.load_state_dict(torch.load(logdir / "final.pt", weights_only=True))
     assert_metrics_match_direct(acc, model, jpeg_data / "val", positive_class=POSITIVE)
+    assert_pr_counts_cover_the_validation_set(acc)
     # 2 ranks x TRAIN_BATCHES x BATCH_SIZE images per epoch, at the slowest rank's time
     for seconds, rate in zip(result["epoch_times_s"], result["throughputs_img_s"]):
         assert seconds * rate == pytest.approx(2 * TRAIN_BATCHES * BATCH_SIZE, rel=1e-4)
