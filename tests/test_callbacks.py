@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import lightning as L
@@ -290,6 +291,45 @@ def test_time_and_throughput_count_only_training_images(trained_runs):
     for seconds, rate in zip(times, rates):
         assert seconds > 0
         assert seconds * rate == pytest.approx(TRAIN_BATCHES * BATCH_SIZE, rel=1e-4)  # 12 val images not counted
+
+
+class SlowImages(torch.utils.data.Dataset):
+    """Decodes the folder like ImageFolder, taking at least ``delay_s`` per image."""
+
+    def __init__(self, folder: Path, delay_s: float):
+        self.images = datasets.ImageFolder(str(folder), transform=transforms.ToTensor())
+        self.delay_s = delay_s
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        time.sleep(self.delay_s)
+        return self.images[index]
+
+
+class EpochWallClock(L.Callback):
+    """Wall time from training-epoch start to end, validation included."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def test_epoch_time_leaves_validation_out(jpeg_data, tmp_path):
+    """Validation sleeps at least 12 x 0.25 s inside the epoch; the logged epoch time must not contain it."""
+    model = ImageClassifier("b0", num_classes=len(CLASSES), class_names=CLASSES, img_size=(IMG_SIZE, IMG_SIZE))
+    timer, wall = EpochTimer(), EpochWallClock()
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[wall, timer])
+    slow_val = DataLoader(SlowImages(jpeg_data / "val", delay_s=0.25), batch_size=BATCH_SIZE)
+    trainer.fit(model, loader(jpeg_data / "train", shuffle=True), slow_val)
+    validation_s = 12 * 0.25
+    assert wall.seconds > validation_s
+    assert 0 < timer.epoch_times_s[0] < wall.seconds - 0.5 * validation_s
 
 
 def test_callback_attributes_for_the_summary(trained_runs):
