@@ -110,8 +110,10 @@ class ClassificationReport(L.Callback):
         self.positive = None
         if positive_class is not None:
             self.positive_index = self.class_names.index(positive_class)
-            self.positive = MetricCollection({"precision": BinaryPrecision(threshold), "recall": BinaryRecall(threshold)},
-                                             compute_groups=[["precision", "recall"]])
+            self.positive = MetricCollection(
+                {"precision": BinaryPrecision(threshold), "recall": BinaryRecall(threshold)},
+                compute_groups=[["precision", "recall"]],
+            )
         self.last_scalars: dict[str, float] = {}
         """Scalars of the latest validation epoch, by tag (the CLI can copy the positive-class ones)."""
 
@@ -395,7 +397,10 @@ class HParamsSummary(L.Callback):
 
 def format_epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, float], epoch_s: float | None,
                       img_s: float | None, memory: Mapping[str, float]) -> str:
-    """``epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s | peak RSS 1830 MB``."""
+    """One line: ``epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s | ...``.
+
+    Figures missing from ``metrics`` (no validation this epoch) are left out of the line.
+    """
     parts = [f"epoch {epoch + 1}/{max_epochs}" if max_epochs and max_epochs > 0 else f"epoch {epoch + 1}"]
     if "train/loss" in metrics:
         parts.append(f"train loss {metrics['train/loss']:.3f}")

@@ -48,7 +48,8 @@ EPOCHS = 2
 POSITIVE, THRESHOLD = "red", 0.4
 EPOCH_TAGS = ("time/epoch_s", "throughput/train_img_s", "memory/peak_rss_mb",
               *(f"val/{m}/{c}" for m in ("precision", "recall") for c in CLASSES))
-MODULE_EPOCH_TAGS = ("train/loss", "train/lr", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall", "val/f1")
+MODULE_EPOCH_TAGS = ("train/loss", "train/lr", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall",
+                     "val/f1")
 
 
 MISLEADING_VAL_IMAGES = {("blue", 0): "green", ("green", 0): "red", ("green", 1): "red"}
@@ -198,8 +199,8 @@ def test_process_tree_rss_counts_children_and_skips_other_ranks():
 
 
 def test_epoch_line_reads_like_the_issue():
-    line = format_epoch_line(2, 10, {"train/loss": 0.8123, "val/acc": 0.912, "val/precision": 0.905,
-                                     "val/recall": 0.899, "val/f1": 0.901}, 41.24, 38.71, {"memory/peak_rss_mb": 1830.4})
+    metrics = {"train/loss": 0.8123, "val/acc": 0.912, "val/precision": 0.905, "val/recall": 0.899, "val/f1": 0.901}
+    line = format_epoch_line(2, 10, metrics, 41.24, 38.71, {"memory/peak_rss_mb": 1830.4})
     assert line == ("epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s"
                     " | peak RSS 1830 MB")
 
