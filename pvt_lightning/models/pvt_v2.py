@@ -77,6 +77,27 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
+def no_autograd(x: torch.Tensor) -> bool:
+    """True when no graph is recorded through ``x``, so an op may overwrite its input in place."""
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+# Inference-only in-place variants: they save one activation-sized temporary each. Under autograd the
+# plain op is used: in place on a Linear's output (a view) would add CopySlices copies to the backward.
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(x) if no_autograd(x) else F.gelu(x)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x, inplace=no_autograd(x))
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, summed into the branch's fresh output when autograd is off."""
+    return branch.add_(x) if no_autograd(branch) else x + branch
+
+
 class OverlapPatchEmbed(nn.Module):
     """Conv with kernel > stride (overlapping patches), then LayerNorm over channels."""
 
@@ -158,17 +179,19 @@ class SpatialReductionAttention(nn.Module):
 def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
     """Adaptive average pool of a token map to ``size x size``: (B, H*W, C) -> (B, size^2, C).
 
-    When both sides are multiples of ``size`` this is a plain block mean on the channels-last
-    tokens, which avoids the NCHW round trip of ``adaptive_avg_pool2d``.
+    Pools the channels-last view of the tokens (no NCHW round trip, as timm does); when both sides
+    are multiples of ``size`` the adaptive pool is a plain ``avg_pool2d`` with kernel = stride, whose
+    channels-last kernel is several times faster than the adaptive one.
     """
-    B, _, C = x.shape
     H, W = hw
     if H == size and W == size:
         return x
+    x = tokens_to_map(x, hw)  # (B, C, H, W), channels-last view
     if H % size == 0 and W % size == 0:
-        kh, kw = H // size, W // size
-        return x.view(B, size, kh, size, kw, C).mean(dim=(2, 4)).view(B, size * size, C)
-    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, hw), size))
+        x = F.avg_pool2d(x, (H // size, W // size))
+    else:
+        x = F.adaptive_avg_pool2d(x, size)
+    return map_to_tokens(x)  # (B, size^2, C)
 
 
 class ConvMlp(nn.Module):
@@ -180,16 +203,17 @@ class ConvMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, extra_relu: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.extra_relu = extra_relu  # linear-SRA MLPs apply ReLU to fc1's output
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        x = self.relu(self.fc1(x))  # (B, N, C) -> (B, N, hidden)
-        x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
-        x = self.drop(self.act(x))
+        x = self.fc1(x)  # (B, N, C) -> (B, N, hidden)
+        if self.extra_relu:
+            x = relu(x)
+        x = map_to_tokens(self.dwconv(tokens_to_map(x, hw)))  # channels-last conv: no layout copies
+        x = self.drop(gelu(x))
         return self.drop(self.fc2(x))  # (B, N, C)
 
 
@@ -215,8 +239,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw))
-        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+        x = add_residual(x, self.drop_path(self.attn(self.norm1(x), hw)))
+        return add_residual(x, self.drop_path(self.mlp(self.norm2(x), hw)))
 
 
 class Stage(nn.Module):
@@ -233,6 +257,7 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C, H/s, W/s) as a channels-last view of the tokens (no copy)."""
         x, hw = self.patch_embed(x)  # (B, C_in, H, W) -> (B, N, C)
         for block in self.blocks:
             if self.grad_checkpointing and x.requires_grad:
@@ -240,7 +265,7 @@ class Stage(nn.Module):
             else:
                 x = block(x, hw)
         x = self.norm(x)
-        return tokens_to_map(x, hw).contiguous()  # (B, C, H, W), NCHW-contiguous for users
+        return tokens_to_map(x, hw)  # channels-last, so the next stage's conv yields tokens without a copy
 
 
 class PyramidVisionTransformerV2(nn.Module):
@@ -298,21 +323,26 @@ class PyramidVisionTransformerV2(nn.Module):
                 f"(stage 1 needs an 8x8 spatial-reduction window); resize or pad your images"
             )
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)]."""
+    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs as channels-last maps (views of the tokens, no copies)."""
         self.check_input_size(x)
-        features = []
+        x = x.contiguous(memory_format=torch.channels_last)  # so the first conv, too, yields tokens without a copy
+        maps = []
         for stage in self.stages:
             x = stage(x)
-            features.append(x)
-        return features
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)]."""
+        return [m.contiguous() for m in self.stage_maps(x)]  # NCHW-contiguous for necks and users
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage map (B, C4, h, w) -> logits (B, num_classes): global mean, then linear."""
         return self.head(x.mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x)[-1])
+        return self.forward_head(self.stage_maps(x)[-1])  # skips forward_features' contiguous() copies
 
 
 def init_weights(m: nn.Module) -> None:

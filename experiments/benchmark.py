@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Params, GMACs, throughput and peak memory of our models against the reference implementation.
+
+    python experiments/benchmark.py --variants b0 b2 b2_li --sizes 224x224 384x224
+    python experiments/benchmark.py --variants b2 --modes train --grad-checkpointing
+    python experiments/benchmark.py --data-loader --sizes 224x224
+
+Each PVTv2 variant is timed against timm's ``pvt_v2_*`` (resnet50 against torchvision's) carrying
+the same weights, in this process, one step of each in turn (A B B A ...), so drift of a shared
+machine cancels in the ratio. Images/s is the median over timed steps after warm-up; with
+``--repeats`` > 1 the whole measurement is repeated and medians of images/s and of the ratios are
+reported. Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
+Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pvt_lightning import benchmark as bm  # noqa: E402
+from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity  # noqa: E402
+
+COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
+           "ratio", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
+DATA_COLUMNS = ["pipeline", "size", "images", "img_s_per_worker", "ratio_vs_torchvision"]
+
+
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'384x224' -> (384, 224) as (H, W); '224' -> (224, 224)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise ValueError
+        h, w = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed size {text!r}: use HxW, e.g. 224x224 or 384x224") from None
+    if h < 32 or w < 32:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small: each side must be at least 32 pixels")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["b0", "b2", "b2_li"], help=f"any of {' '.join(VARIANTS)}")
+    p.add_argument("--sizes", nargs="+", type=parse_size, default=[(224, 224), (384, 224)], help="HxW, e.g. 384x224")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="32", choices=bm.PRECISIONS)
+    p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward (both models)")
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=bm.MODES)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model and repeat")
+    p.add_argument("--repeats", type=int, default=1, help="repeat the interleaved measurement; report medians")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-reference", action="store_true", help="time our model only")
+    p.add_argument("--out", type=Path, default=Path("experiments/results"), help="folder for benchmark.csv/.md")
+    p.add_argument("--tag", default="benchmark", help="file stem of the outputs (default: benchmark)")
+    p.add_argument("--data-loader", action="store_true",
+                   help="measure decode+augment images/s per worker: our pipeline vs torchvision+PIL")
+    p.add_argument("--images", type=int, default=64, help="--data-loader: number of generated 500x375 JPEGs")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    try:
+        args.variants = [canonical_name(v) for v in args.variants]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name in ("batch_size", "steps", "repeats", "images"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+    if args.precision == "16-mixed" and args.device == "cpu":
+        raise UsageError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed")
+    if args.grad_checkpointing and "resnet50" in args.variants:
+        raise UsageError("--grad-checkpointing applies to PVTv2 variants only; drop resnet50 from --variants")
+
+
+def prepare(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    model = model.to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def run_models(args: argparse.Namespace, peak_flops: float) -> list[dict]:
+    rows = []
+    for variant in args.variants:
+        for size in args.sizes:
+            torch.manual_seed(0)
+            ours = bm.build_model(variant, "ours")
+            complexity = measure_complexity(ours, size)
+            reference = None if args.no_reference else bm.reference_with_same_weights(ours, variant)
+            ref_name = "" if reference is None else ("torchvision resnet50" if variant == "resnet50" else f"timm pvt_v2_{variant}")
+            models = [prepare(ours, args)] + ([] if reference is None else [prepare(reference, args)])
+            mem: dict[str, dict] = {}
+            if not args.no_memory:  # one fresh subprocess per model, all modes
+                for impl in ["ours"] + ([] if reference is None else ["reference"]):
+                    mem[impl] = bm.measure_peak_memories(variant, size, args.batch_size, args.modes, args.device,
+                                                         args.precision, impl, args.grad_checkpointing,
+                                                         args.channels_last)
+            for mode in args.modes:
+                per_repeat = [bm.compare_throughput(models, size, args.batch_size, mode, args.device, args.precision,
+                                                    args.steps, args.warmup, args.channels_last)
+                              for _ in range(args.repeats)]
+                ours_ips = statistics.median(r[0] for r in per_repeat)
+                ref_ips = statistics.median(r[1] for r in per_repeat) if reference is not None else None
+                ratio = statistics.median(r[0] / r[1] for r in per_repeat) if reference is not None else None
+                achieved = bm.achieved_flops(complexity.gmacs, ours_ips, mode)
+                row = dict(variant=variant, size=f"{size[0]}x{size[1]}", mode=mode, batch=args.batch_size,
+                           precision=args.precision + ("+gc" if args.grad_checkpointing else "")
+                           + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else ""),
+                           reference=ref_name, params_m=complexity.params_m, gmacs=complexity.gmacs,
+                           ours_img_s=ours_ips, ref_img_s=ref_ips, ratio=ratio,
+                           ours_peak_mb=mem["ours"][mode].peak_mb if mem else None,
+                           ref_peak_mb=mem["reference"][mode].peak_mb if "reference" in mem else None,
+                           ours_act_mb=mem["ours"][mode].activations_mb if mem else None,
+                           ref_act_mb=mem["reference"][mode].activations_mb if "reference" in mem else None,
+                           ours_gflop_s=achieved / 1e9, pct_of_peak=100 * achieved / peak_flops)
+                rows.append(row)
+                print(f"{variant:8s} {row['size']:>8s} {mode:5s} ours {ours_ips:7.2f} img/s  "
+                      f"{ref_name or 'reference'} {fmt(ref_ips):>7s} img/s  ratio {fmt(ratio, 3):>6s}  "
+                      f"peak MB ours {fmt(row['ours_peak_mb'], 0)} ref {fmt(row['ref_peak_mb'], 0)}  "
+                      f"{row['ours_gflop_s']:.1f} GFLOP/s ({row['pct_of_peak']:.0f}% of peak)", flush=True)
+    return rows
+
+
+# --- data loading ------------------------------------------------------------------------------------
+
+def write_jpegs(folder: Path, count: int) -> list[Path]:
+    """``count`` 500x375 JPEGs of smooth random colour fields with noise (quality 90)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        image = cv2.resize(small, (500, 375), interpolation=cv2.INTER_CUBIC)
+        image = np.clip(image.astype(np.int16) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+        path = folder / f"img_{i:04d}.jpg"
+        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return paths
+
+
+def run_data_loader(args: argparse.Namespace) -> list[dict]:
+    """Decode + train augmentation per worker (one process, one thread): ours vs torchvision+PIL."""
+    import tempfile
+
+    import cv2
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from pvt_lightning.data.dataset import ImageDataset
+    from pvt_lightning.data.transforms import resize_target, train_transform
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), args.images)
+        for size in args.sizes:
+            ours = ImageDataset([(str(p), 0) for p in paths], train_transform(size, seed=0), bad_log=None,
+                                bad_images="error", min_side=max(resize_target(size, 0.875)))
+            tv = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+            def load_ours():
+                for i in range(len(paths)):
+                    ours[i]
+
+            def load_tv():
+                for p in paths:
+                    with Image.open(p) as im:
+                        tv(im.convert("RGB"))
+
+            times = {"ours (OpenCV + albumentations, uint8)": [], "torchvision + PIL (float, normalised)": []}
+            loaders = dict(zip(times, (load_ours, load_tv)))
+            for name in loaders:  # warm-up
+                loaders[name]()
+            for i in range(max(args.repeats, 3)):
+                for name in (list(loaders) if i % 2 == 0 else list(reversed(loaders))):
+                    start = time.perf_counter()
+                    loaders[name]()
+                    times[name].append(time.perf_counter() - start)
+            ips = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+            ref = ips["torchvision + PIL (float, normalised)"]
+            for name, value in ips.items():
+                rows.append(dict(pipeline=name, size=f"{size[0]}x{size[1]}", images=len(paths),
+                                 img_s_per_worker=value, ratio_vs_torchvision=value / ref))
+                print(f"{name:40s} {size[0]}x{size[1]}  {value:7.1f} img/s per worker  ratio {value / ref:.2f}", flush=True)
+    return rows
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+def write_outputs(rows: list[dict], columns: list[str], out: Path, stem: str, header: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(k)) for k in columns) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
+    import platform
+
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    peak = "" if peak_flops is None else f"; measured matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
+    return (f"Machine: {args.device} ({where}){peak}; torch {torch.__version__}; "
+            f"batch {args.batch_size}, warm-up {args.warmup}, {args.steps} timed steps x {args.repeats} repeats.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line message on malformed flags
+    try:
+        check_args(args)
+    except UsageError as err:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data_loader:
+        rows = run_data_loader(args)
+        paths = write_outputs(rows, DATA_COLUMNS, args.out, f"{args.tag}_data", machine_line(args, None))
+    else:
+        dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float16 if args.precision == "16-mixed" else torch.float32
+        peak = bm.matmul_peak_flops(args.device, dtype)
+        print(machine_line(args, peak), flush=True)
+        rows = run_models(args, peak)
+        paths = write_outputs(rows, COLUMNS, args.out, args.tag, machine_line(args, peak))
+    print("wrote " + " and ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""experiments/benchmark.py runs end to end on tiny settings and writes complete tables; bad flags exit 2."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "benchmark.py"
+NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ours_peak_mb", "ref_peak_mb", "ours_act_mb",
+           "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_benchmark_end_to_end(tmp_path):
+    pytest.importorskip("timm")
+    proc = run("--variants", "b0", "--sizes", "64x64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+               "--threads", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "ratio" in proc.stdout
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["size"], r["mode"]) for r in rows] == [("b0", "64x64", "infer"), ("b0", "64x64", "train")]
+    for row in rows:
+        assert row["reference"] == "timm pvt_v2_b0"
+        values = {k: float(row[k]) for k in NUMERIC}  # every numeric column is filled and parses
+        assert values["ours_img_s"] > 0 and values["ref_img_s"] > 0 and values["ours_peak_mb"] > 0
+        assert values["ratio"] == pytest.approx(values["ours_img_s"] / values["ref_img_s"], rel=1e-6)
+        assert round(values["params_m"], 2) == 3.67
+    train = rows[1]
+    assert float(train["ours_act_mb"]) > 0
+    md = (tmp_path / "benchmark.md").read_text().splitlines()
+    assert md[0].startswith("Machine: cpu")
+    table = [line for line in md if line.startswith("| b0 ")]
+    assert len(table) == 2 and all(line.count("|") == len(NUMERIC) + 7 for line in table)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "b9"], "unknown model variant 'b9'"),
+    (["--sizes", "224by224"], "malformed size '224by224'"),
+    (["--sizes", "16x16"], "too small"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--precision", "16-mixed", "--device", "cpu"], "needs a GPU"),
+])
+def test_bad_flags_exit_2_without_traceback(flags, message):
+    proc = run(*flags, "--out", "/nonexistent/never-written", timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
