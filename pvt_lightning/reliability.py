@@ -115,12 +115,17 @@ def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None
     except torch.OutOfMemoryError:
         raise RunStopped(out_of_memory_message(args), EXIT_TRAINING_FAULT) from None
     except pickle.UnpicklingError as err:  # only checkpoint loading unpickles during fit
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        raise CheckpointError(
-            f"refused to load {trainer.ckpt_path or 'the checkpoint'}: it holds objects other than tensors and plain "
-            f"data{f' ({found.group(1)})' if found else ''}, and unpickling them could run arbitrary code. Resume "
-            f"only from checkpoints written by pvt-lightning."
-        ) from None
+        raise CheckpointError(unpickling_message(trainer.ckpt_path, err)) from None
+
+
+def unpickling_message(path: str | None, err: pickle.UnpicklingError) -> str:
+    """Why weights_only loading refused a checkpoint: a forbidden object (named), or bytes that are no checkpoint."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found or "Weights only load failed" in str(err):
+        return (f"refused to load {path}: it holds objects other than tensors and plain data"
+                f"{f' ({found.group(1)})' if found else ''}, and unpickling them could run arbitrary code. "
+                f"Resume only from checkpoints written by pvt-lightning.")
+    return f"cannot read checkpoint {path}: it is not a complete PyTorch checkpoint ({str(err).splitlines()[0]})"
 
 
 def _saver(trainer: L.Trainer) -> LastCheckpointSaver | None:
