@@ -1,0 +1,308 @@
+"""Runs that die, diverge or are handed hostile files: each case is created for real and checked end to end."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvt_lightning import cli
+from pvt_lightning.checkpointing import AtomicCheckpointIO, atomic_torch_save
+from pvt_lightning.reliability import EXIT_SIGTERM, EXIT_TRAINING_FAULT, RunStopped, explain_stops
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
+# 3 classes x 4 images = 3 training batches of 4 per epoch: a checkpoint after step 1 or 2 is mid-epoch.
+QUICK = ["--variant", "b0", "--img-size", "32", "32", "--batch-size", "4", "--num-workers", "0",
+         "--precision", "32", "--accelerator", "cpu", "--data", "data", "--logdir", "runs"]
+STEPS_PER_EPOCH, EPOCHS = 3, 2
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def start_cli(*args: str, cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """Start a run in the background; its merged stdout/stderr accumulates in the returned list."""
+    proc = subprocess.Popen([*RUN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    output: list[str] = []
+
+    def pump() -> None:
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            output.append(chunk.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, output
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def optimizer_steps(checkpoint: dict) -> int:
+    """Optimizer steps actually applied (AdamW's per-parameter step count)."""
+    return int(next(iter(checkpoint["optimizer_states"][0]["state"].values()))["step"])
+
+
+def summary(workspace: Path, name: str, version: int) -> dict:
+    return json.loads((workspace / "runs" / name / f"version_{version}" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("reliability")
+    make_image_folder(root / "data", classes=("cat", "dog", "fox"), per_class=4, size=(40, 48))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(workspace) -> dict:
+    """An uninterrupted run of the settings that the interrupted runs use."""
+    proc = run_cli(*QUICK, "--epochs", str(EPOCHS), "--name", "reference", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = summary(workspace, "reference", 0)
+    assert (result["global_step"], result["epochs"]) == (EPOCHS * STEPS_PER_EPOCH, EPOCHS)
+    last = load(Path(result["checkpoints"]["last"]))
+    result["optimizer_steps"] = optimizer_steps(last)
+    result["scheduler_steps"] = last["lr_schedulers"][0]["last_epoch"]
+    return result
+
+
+def resume_and_compare(workspace: Path, name: str, reference: dict) -> None:
+    """Resume ``name`` with --resume last; it must end where the uninterrupted run ended."""
+    interrupted = workspace / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
+    before = interrupted.read_bytes()
+    proc = run_cli(*QUICK, "--epochs", str(EPOCHS), "--name", name, "--resume", "last", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = summary(workspace, name, 1)  # a new version folder; the interrupted one is left alone
+    assert resumed["global_step"] == reference["global_step"]
+    assert resumed["epochs"] == reference["epochs"]
+    final = load(Path(resumed["checkpoints"]["last"]))
+    assert optimizer_steps(final) == reference["optimizer_steps"]
+    assert final["lr_schedulers"][0]["last_epoch"] == reference["scheduler_steps"]
+    assert interrupted.read_bytes() == before
+
+
+# --- interrupted runs -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(workspace, reference):
+    last = workspace / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    proc, _ = start_cli(*QUICK, "--epochs", str(EPOCHS), "--name", "killed", "--checkpoint-every-steps", "1",
+                        cwd=workspace)
+    wait_for(last.exists, proc, "the first periodic checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (last.parent.parent / "summary.json").exists()
+    killed_at = load(last)["global_step"]  # the file is complete: weights_only loading parses all of it
+    assert killed_at % STEPS_PER_EPOCH != 0, "the kill should land mid-epoch"
+    resume_and_compare(workspace, "killed", reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(workspace, reference):
+    # No periodic saves: whatever last.ckpt exists afterwards was written because of the SIGTERM.
+    proc, output = start_cli(*QUICK, "--epochs", str(EPOCHS), "--name", "term", "--checkpoint-every-minutes", "0",
+                             cwd=workspace)
+    wait_for(lambda: "Epoch 0:" in "".join(output), proc, "training to start")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = "".join(output)
+    last = workspace / "runs" / "term" / "version_0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == EXIT_SIGTERM, text[-3000:]
+    assert "received SIGTERM" in text and str(last) in text and "--resume last" in text
+    assert "Traceback" not in text
+    assert 0 < load(last)["global_step"] < reference["global_step"]
+    resume_and_compare(workspace, "term", reference)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")  # fails after the tensors before it were written
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(1_000_000), "bad": Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert AtomicCheckpointIO().load_checkpoint(path)["step"] == 1
+
+
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    for attempt in range(5):  # until a kill lands inside a save (its temp file is left behind)
+        writer = subprocess.Popen([sys.executable, "-c", (
+            "import sys, torch\n"
+            "from pvt_lightning.checkpointing import atomic_torch_save\n"
+            "for step in range(10**6):\n"
+            "    atomic_torch_save({'step': step, 'w': torch.full((4_000_000,), float(step))}, sys.argv[1])\n"
+            "    print(step, flush=True)\n"
+        ), str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        writer.stdout.readline()  # one save finished; the loop spends nearly all its time in the next ones
+        time.sleep(0.1 + 0.1 * attempt)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+        if list(tmp_path.glob(".last.ckpt.*.tmp")):
+            break
+    assert list(tmp_path.glob(".last.ckpt.*.tmp")), "no kill landed during a save"
+    checkpoint = load(path)
+    assert checkpoint["step"] >= 0 and bool((checkpoint["w"] == checkpoint["step"]).all())
+
+
+# --- numerical faults ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_fixes_and_keeps_the_last_good_checkpoint(workspace):
+    # No warm-up and lr 1e30: step 0 is finite, its update makes the weights ~1e30, step 1's loss is NaN.
+    # Time-based saves every few milliseconds: last.ckpt after step 0 exists only if they work.
+    proc = run_cli(*QUICK, "--epochs", str(EPOCHS), "--name", "nan", "--lr", "1e30", "--warmup-epochs", "0",
+                   "--checkpoint-every-minutes", "0.0001", cwd=workspace)
+    checkpoints = workspace / "runs" / "nan" / "version_0" / "checkpoints"
+    assert proc.returncode == EXIT_TRAINING_FAULT, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "training loss is nan at epoch 0, global step 1" in message
+    assert "--lr" in message and "--grad-clip 1.0" in message and str(checkpoints / "last.ckpt") in message
+    # last.ckpt is the state before the NaN step, not the broken one after it.
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    last = load(checkpoints / "last.ckpt")
+    assert last["global_step"] == 1
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+    assert not (checkpoints.parent / "summary.json").exists()
+
+
+def test_out_of_memory_suggests_smaller_batch_checkpointing_and_bf16(workspace, monkeypatch, capsys):
+    def out_of_memory(self, batch, batch_idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", out_of_memory)
+    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.chdir(workspace)
+    status = cli.main([*QUICK, "--epochs", "1", "--batch-size", "6", "--name", "oom"])
+    message = capsys.readouterr().err
+    assert status == EXIT_TRAINING_FAULT
+    assert "out of memory" in message and "--batch-size (now 6; try 3)" in message
+    assert "--grad-checkpointing" in message and "--precision bf16-mixed" in message
+
+
+def test_out_of_memory_advice_drops_what_is_already_on():
+    args = argparse.Namespace(batch_size=1, variant="b5", grad_checkpointing=True, precision="bf16-mixed")
+    with pytest.raises(RunStopped) as stopped, explain_stops(trainer=None, args=args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert stopped.value.exit_code == EXIT_TRAINING_FAULT
+    assert "--batch-size (now 1; try 1)" in str(stopped.value)
+    assert "--grad-checkpointing" not in str(stopped.value) and "bf16" not in str(stopped.value)
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-every-steps", "--checkpoint-every-minutes"])
+def test_negative_checkpoint_interval_is_a_usage_error(flag, capsys):
+    assert cli.main([flag, "-1", "--data", "."]) == 2
+    assert f"{flag} must be >= 0" in capsys.readouterr().err
+
+
+def test_internal_errors_keep_their_traceback(workspace, monkeypatch):
+    def bug(self, batch, batch_idx):
+        raise ZeroDivisionError("a bug in our code")
+
+    monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", bug)
+    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.chdir(workspace)
+    with pytest.raises(ZeroDivisionError, match="a bug in our code"):
+        cli.main([*QUICK, "--epochs", "1", "--name", "bug"])
+
+
+# --- untrusted files ----------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: a stand-in for any code an attacker would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def booby_trapped_checkpoint(path: Path, marker: Path) -> Path:
+    """A checkpoint shaped like ours, with a payload among its hyper-parameters."""
+    torch.save({"state_dict": {"model.head.weight": torch.zeros(3, 4)}, "global_step": 0, "epoch": 0,
+                "hyper_parameters": {"variant": "b0", "num_classes": 3, "evil": _Payload(marker)}}, path)
+    return path
+
+
+def test_the_booby_trap_is_real(tmp_path):
+    marker = tmp_path / "pwned"
+    trap = booby_trapped_checkpoint(tmp_path / "trap.ckpt", marker)
+    torch.load(trap, weights_only=False)  # what an unsafe loader would do
+    assert marker.exists()
+
+
+TRAP_FLAGS = ["--resume", "--resume last", "--evaluate", "--checkpoint", "--pretrained"]
+
+
+def trap_command(workspace: Path, flag: str, how: str) -> tuple[list[str], Path]:
+    """The command line that hands a fresh booby-trapped file to ``flag``, and the file its payload would create."""
+    slug = f"{how}_{flag.strip('-').replace(' ', '_')}"
+    marker = workspace / f"pwned_{slug}"
+    trap = booby_trapped_checkpoint(workspace / f"trap_{slug}.ckpt", marker)
+    if flag == "--resume last":
+        last = workspace / "runs" / f"trapped_{slug}" / "version_0" / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        trap.rename(last)
+        args = [*QUICK, "--resume", "last"]
+    elif flag == "--checkpoint":
+        args = ["--predict", "data/val", "--checkpoint", str(trap), "--num-workers", "0"]
+    elif flag == "--evaluate":
+        args = ["--evaluate", str(trap), "--data", "data", "--num-workers", "0"]
+    else:
+        args = [*QUICK, flag, str(trap)]
+    return [*args, "--name", f"trapped_{slug}"], marker
+
+
+@pytest.mark.parametrize("flag", TRAP_FLAGS)
+def test_booby_trapped_pickle_is_refused_by_every_flag(workspace, flag, monkeypatch, capsys):
+    args, marker = trap_command(workspace, flag, "main")
+    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.chdir(workspace)
+    assert cli.main(args) == 2
+    assert "refused to load" in capsys.readouterr().err
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", TRAP_FLAGS)
+def test_booby_trapped_pickle_via_the_command_line_exits_2_without_traceback(workspace, flag):
+    args, marker = trap_command(workspace, flag, "cli")
+    proc = run_cli(*args, cwd=workspace)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("pvt-lightning: error: refused to load")
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists(), "the payload ran"
