@@ -1,0 +1,113 @@
+"""The notebooks: stored without outputs, and each one runs top to bottom in a real Jupyter kernel.
+
+The execution tests run every notebook under ``notebooks/`` with papermill (``smoke=True``) in a
+``python3`` kernel of this interpreter, and check it finished without errors and drew its figures.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Figures each notebook must write into its out_dir in a smoke run (and show inline).
+EXPECTED_FIGURES = {
+    "linear_sra_ablation.ipynb": ("complexity.png", "throughput.png", "memory.png", "gain.png",
+                                  "training_curves.png", "loss_curves.png"),
+    "compare_runs.ipynb": ("metrics.png", "loss.png", "speed.png", "memory.png"),
+}
+
+
+def test_notebooks_found():
+    assert {path.name for path in NOTEBOOKS} >= set(EXPECTED_FIGURES), NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path: Path):
+    """Outputs and execution counts are stripped before commit (nbstripout, see .pre-commit-config.yaml)."""
+    book = nbformat.read(path, as_version=4)
+    dirty = [i for i, cell in enumerate(book.cells) if cell.cell_type == "code"
+             and (cell.get("outputs") or cell.get("execution_count") is not None)]
+    assert not dirty, (f"{path.name}: code cells {dirty} carry outputs or execution counts; strip them with "
+                       f"`nbstripout {path.relative_to(ROOT)}` (or `pre-commit install` once)")
+    assert "widgets" not in book.metadata and "papermill" not in book.metadata, f"{path.name}: run metadata stored"
+    assert not any("papermill" in cell.metadata or "execution" in cell.metadata for cell in book.cells), \
+        f"{path.name}: cells carry run metadata (papermill timings); save the notebook before running it, not after"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_papermill_parameters(path: Path):
+    book = nbformat.read(path, as_version=4)
+    tagged = [cell for cell in book.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    assert "smoke = False" in tagged[0].source
+
+
+@pytest.fixture
+def python3_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A ``python3`` kernelspec that runs this very interpreter, found first on JUPYTER_PATH.
+
+    So the notebooks run against this checkout and these packages even if another ``python3``
+    kernel is installed for the user (CI installs one with ``python -m ipykernel install --user``).
+    """
+    from ipykernel.kernelspec import write_kernel_spec
+
+    kernels = tmp_path / "jupyter" / "kernels"
+    kernels.mkdir(parents=True)
+    write_kernel_spec(str(kernels / "python3"), overrides={"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                                    "{connection_file}"]})
+    monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(tmp_path / "jupyter"), os.environ.get("JUPYTER_PATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable, spec.argv
+    return "python3"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG file's IHDR chunk; fails on anything that is not a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_in_a_kernel(path: Path, tmp_path: Path, python3_kernel: str):
+    """smoke=True: the whole notebook runs in a Jupyter kernel, without errors, and draws every figure."""
+    import papermill
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out_dir = tmp_path / "out"
+    executed = tmp_path / path.name
+    papermill.execute_notebook(str(path), str(executed), parameters={"smoke": True, "out_dir": str(out_dir)},
+                               kernel_name=python3_kernel, cwd=str(work), progress_bar=False)
+
+    book = nbformat.read(executed, as_version=4)
+    errors = [output for cell in book.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+              if output.get("output_type") == "error"]
+    assert not errors, errors
+    assert all(cell.get("execution_count") for cell in book.cells if cell.cell_type == "code"), "a cell did not run"
+
+    for name in EXPECTED_FIGURES[path.name]:
+        figure = out_dir / name
+        assert figure.is_file(), f"{path.name} did not write {name}"
+        width, height = png_size(figure)
+        assert width >= 300 and height >= 200, (name, width, height)
+        assert figure.stat().st_size > 10_000, f"{name} is suspiciously small: an empty plot?"
+    shown = [output for cell in book.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+             if "image/png" in output.get("data", {})]
+    assert len(shown) >= len(EXPECTED_FIGURES[path.name]), f"{len(shown)} figures shown inline"
+    assert list(work.iterdir()) == [] or all(p.name.startswith(".") for p in work.iterdir()), \
+        f"{path.name} wrote outside out_dir: {list(work.iterdir())}"
