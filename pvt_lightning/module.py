@@ -125,6 +125,7 @@ class ImageClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
         self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
+        self._log_epoch_as_x_axis()
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
@@ -134,7 +135,12 @@ class ImageClassifier(L.LightningModule):
         metrics.update(logits, targets)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val", batch_size=len(targets))
         self.log_dict(metrics, on_epoch=True, prog_bar=False)
+        self._log_epoch_as_x_axis()
         return {"loss": loss, "logits": logits.detach(), "target": targets}
+
+    def _log_epoch_as_x_axis(self) -> None:
+        """Lightning writes epoch-level scalars at the logged "step": the epoch, so runs line up in TensorBoard."""
+        self.log("step", float(self.current_epoch), on_step=False, on_epoch=True, reduce_fx="max")
 
     def validation_step(self, batch, batch_idx):
         return self._evaluate(batch, self.val_metrics, "val")

@@ -53,22 +53,9 @@ def load_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict
     return {tag: sorted((event.step, event.value) for event in accumulator.Scalars(tag)) for tag in wanted}
 
 
-def logged_per_epoch(tag: str) -> bool:
-    """Whether ``tag`` is one the callbacks log at step = epoch.
-
-    The module's tags (``train/loss``, ``val/acc``, ...: one slash) are logged by Lightning at the
-    global step instead, next to an ``epoch`` scalar that maps one to the other.
-    """
-    return tag.startswith(("time/", "throughput/", "memory/")) or tag.count("/") >= 2
-
-
 def epoch_series(scalars: dict[str, Series], tag: str) -> Series:
-    """``(epoch, value)`` points of ``tag``, whichever way it was stepped."""
-    points = scalars.get(tag, [])
-    if logged_per_epoch(tag):
-        return points
-    epoch_at_step = {step: int(value) for step, value in scalars.get("epoch", [])}
-    return [(epoch_at_step[step], value) for step, value in points if step in epoch_at_step]
+    """``(epoch, value)`` points of ``tag``: every pvt-lightning scalar is written at step = epoch."""
+    return scalars.get(tag, [])
 
 
 def model_name(variant: str, linear_sra: bool | None) -> str:

@@ -32,16 +32,13 @@ def read_csv(path: Path) -> dict[str, dict[str, str]]:
         return {row["run"]: row for row in csv.DictReader(handle)}
 
 
-def write_events_run(run_dir: Path, val_acc: list[float], steps_per_epoch: int = 5) -> None:
-    """Events laid out as a training writes them: module tags at the global step with an ``epoch`` scalar,
-    callback tags at step = epoch."""
+def write_events_run(run_dir: Path, val_acc: list[float]) -> None:
+    """Events laid out as a training writes them: every scalar at step = epoch."""
     writer = SummaryWriter(str(run_dir))
     for epoch, acc in enumerate(val_acc):
-        step = (epoch + 1) * steps_per_epoch - 1
-        writer.add_scalar("epoch", epoch, step)
-        writer.add_scalar("val/acc", acc, step)
-        writer.add_scalar("val/precision", acc - 0.1, step)
-        writer.add_scalar("val/recall", acc - 0.2, step)
+        writer.add_scalar("val/acc", acc, epoch)
+        writer.add_scalar("val/precision", acc - 0.1, epoch)
+        writer.add_scalar("val/recall", acc - 0.2, epoch)
         writer.add_scalar("time/epoch_s", 10.0 + epoch, epoch)
         writer.add_scalar("memory/peak_rss_mb", 900.0 + 10 * epoch, epoch)
     writer.close()
@@ -49,10 +46,9 @@ def write_events_run(run_dir: Path, val_acc: list[float], steps_per_epoch: int =
 
 # --- fast: event files written directly --------------------------------------------------------------
 
-def test_epoch_series_maps_global_steps_to_epochs(tmp_path):
+def test_epoch_series_reads_per_epoch_scalars(tmp_path):
     write_events_run(tmp_path / "run", [0.5, 0.7, 0.6])
     scalars = load_scalars(tmp_path / "run")
-    assert scalars["val/acc"][0][0] == 4  # the global step, as written
     assert epoch_series(scalars, "val/acc") == [(0, 0.5), (1, pytest.approx(0.7)), (2, pytest.approx(0.6))]
     assert epoch_series(scalars, "time/epoch_s") == [(0, 10.0), (1, 11.0), (2, 12.0)]
     assert set(load_scalars(tmp_path / "run", ["val/acc", "missing"])) == {"val/acc"}
