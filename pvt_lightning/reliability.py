@@ -112,7 +112,7 @@ def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None
         raise RunStopped(sigterm_message(trainer), EXIT_SIGTERM) from None
     except NonFiniteLossError as err:
         raise RunStopped(non_finite_message(err, trainer, args), EXIT_TRAINING_FAULT) from None
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
         raise RunStopped(out_of_memory_message(args), EXIT_TRAINING_FAULT) from None
     except pickle.UnpicklingError as err:  # only checkpoint loading unpickles during fit
         raise CheckpointError(unpickling_message(trainer.ckpt_path, err)) from None
@@ -143,7 +143,7 @@ def sigterm_message(trainer: L.Trainer) -> str:
 
 def non_finite_message(err: NonFiniteLossError, trainer: L.Trainer, args: argparse.Namespace) -> str:
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-    last = checkpoint.last_model_path if checkpoint and checkpoint.last_model_path else None
+    last = (checkpoint.last_model_path if checkpoint else None) or trainer.ckpt_path  # or the one resumed from
     kept = f"the last good checkpoint {last} is left as it was" if last else "no checkpoint had been saved yet"
     fixes = [f"a lower learning rate (--lr, now {trainer.lightning_module.hparams.lr:.2e})",
              f"a smaller --grad-clip (now {trainer.gradient_clip_val})" if trainer.gradient_clip_val
@@ -154,9 +154,11 @@ def non_finite_message(err: NonFiniteLossError, trainer: L.Trainer, args: argpar
 
 
 def out_of_memory_message(args: argparse.Namespace) -> str:
-    fixes = [f"a smaller --batch-size (now {args.batch_size}; try {max(1, args.batch_size // 2)})"]
+    fixes = []
+    if args.batch_size > 1:
+        fixes.append(f"a smaller --batch-size (now {args.batch_size}; try {args.batch_size // 2})")
     if args.variant != "resnet50" and not args.grad_checkpointing:
         fixes.append("--grad-checkpointing (recomputes activations: less memory, slower)")
     if args.precision == "32":
         fixes.append("--precision bf16-mixed (half the activation memory)")
-    return f"out of memory on the device. Try {', '.join(fixes)}; or a smaller --img-size."
+    return f"out of memory on the device. Try {', '.join([*fixes, 'a smaller --img-size'])}."
