@@ -305,8 +305,8 @@ def _sec(value: float | None) -> str:
 
 def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path: str | Path,
                log_y: bool = True, title: str | None = None) -> Path:
-    """One panel per metric: off and on against the input's pixel count (log-log by default), each
-    point labelled with its size; saved as a PNG and returned."""
+    """One panel per metric: off and on against the input's pixel count (log x; log y by default where the
+    values span more than 3x), ticked with the sizes; saved as a PNG and returned."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5.5 * len(metrics), 4.2), dpi=100)
@@ -316,17 +316,13 @@ def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path:
         if not points:
             ax.set_title(f"{METRICS[metric][0]}: not measured")
             continue
-        pixels = [p[1] / 1e6 for p in points]
-        ax.plot(pixels, [p[2] for p in points], marker="o", label="linear SRA off (strided-conv SRA)")
-        ax.plot(pixels, [p[3] for p in points], marker="s", label="linear SRA on (7x7 pool)")
-        for size, px, off, on in points:
-            ax.annotate(size, (px / 1e6, max(off, on)), textcoords="offset points", xytext=(0, 6), ha="center",
-                        fontsize=7)
-        if log_y:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        ax.set_xlabel("input pixels (millions, H x W)")
-        ax.set_ylabel(METRICS[metric][0])
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", label="linear SRA off (strided-conv SRA)")
+        ax.plot([p[1] for p in points], [p[3] for p in points], marker="s", label="linear SRA on (7x7 pool)")
+        _size_axis(ax, points)
+        values = [v for p in points for v in p[2:] if v > 0]
+        if log_y and values and max(values) / min(values) > 3:  # log scale only where it spans a wide range
+            _log_y(ax)
+        ax.set_ylabel(METRICS[metric][0] + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize="small")
     if title:
@@ -334,6 +330,26 @@ def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path:
     figure.tight_layout()
     figure.savefig(out_path)
     return Path(out_path)
+
+
+def _size_axis(ax, points: Sequence[tuple[str, int, Any, Any]]) -> None:
+    """x: pixel count on a log scale, ticked and labelled at the measured sizes (H x W)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks([p[1] for p in points], [p[0] for p in points], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("input size H x W (pixel count, log scale)")
+
+
+def _log_y(ax) -> None:
+    """Log y with plain numbers (1, 2, 5 per decade) instead of powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_gain(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path: str | Path,
@@ -346,11 +362,10 @@ def plot_gain(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path: 
     for metric in metrics:
         points = paired(rows, metric)
         if points:
-            ax.plot([p[1] / 1e6 for p in points], [gain(p[2], p[3], metric) for p in points], marker="o",
+            ax.plot([p[1] for p in points], [gain(p[2], p[3], metric) for p in points], marker="o",
                     label=METRICS[metric][0])
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="break-even")
-    ax.set_xscale("log")
-    ax.set_xlabel("input pixels (millions, H x W)")
+    _size_axis(ax, paired(rows, "gmacs"))
     ax.set_ylabel("gain of linear SRA (x; > 1 = better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
