@@ -111,3 +111,41 @@ def test_notebook_runs_in_a_kernel(path: Path, tmp_path: Path, python3_kernel: s
     assert len(shown) >= len(EXPECTED_FIGURES[path.name]), f"{len(shown)} figures shown inline"
     assert list(work.iterdir()) == [] or all(p.name.startswith(".") for p in work.iterdir()), \
         f"{path.name} wrote outside out_dir: {list(work.iterdir())}"
+
+
+# --- the helpers behind the ablation notebook (fast) ------------------------------------------------------
+
+def _rows(metric: str, values: dict[str, tuple[float, float]]) -> list[dict]:
+    rows = []
+    for size, (off, on) in values.items():
+        h, w = map(int, size.split("x"))
+        for linear, value in ((False, off), (True, on)):
+            rows.append(dict(variant="b0", linear_sra=linear, size=size, pixels=h * w, params_m=3.67 - 0.27 * linear,
+                             gmacs=1.0, batch_size=4, device="cpu", precision="32", **{metric: value}))
+    return rows
+
+
+def test_crossover_is_the_first_size_from_which_linear_sra_keeps_winning():
+    from pvt_lightning.ablation import crossover, findings
+
+    speed = {"224x224": (10.0, 9.0), "384x224": (6.0, 6.6), "512x512": (2.0, 1.95), "768x768": (1.0, 1.3),
+             "1024x1024": (0.5, 0.8)}
+    rows = _rows("train_img_s", speed)
+    assert crossover(rows, "train_img_s") == "768x768"  # 384x224 wins too, but 512x512 is a tie again
+    assert crossover(rows, "train_img_s", margin=0.7) is None  # 1.6x at most
+    memory = {"224x224": (100.0, 90.0), "1024x1024": (2000.0, 500.0)}  # lower is better for memory
+    assert crossover(_rows("train_mem_mb", memory), "train_mem_mb") == "224x224"
+    text = "\n".join(findings(rows))
+    assert "from 768x768 upwards" in text and "1.60x at 1024x1024" in text and "0.90x at 224x224" in text
+
+
+def test_linear_sra_saves_params_everywhere_and_attention_compute_above_224():
+    """At 224 both attentions see 7x7 keys/values in every stage; above it only the strided one grows."""
+    from pvt_lightning.ablation import complexity_rows, crossover
+
+    rows = complexity_rows("b0", [(224, 224), (448, 448)])
+    by = {(r["size"], r["linear_sra"]): r for r in rows}
+    assert by[("224x224", True)]["params_m"] < by[("224x224", False)]["params_m"]
+    assert by[("448x448", True)]["gmacs"] < by[("448x448", False)]["gmacs"]
+    assert abs(by[("224x224", True)]["gmacs"] - by[("224x224", False)]["gmacs"]) < 0.05
+    assert crossover(rows, "gmacs") == "448x448"
