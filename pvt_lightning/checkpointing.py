@@ -10,13 +10,18 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .models.checkpoints import read_state_dict_file
+
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save to ``path`` so that a reader (or a kill mid-write) sees the old file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file torch.save's usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -25,6 +30,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,5 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
-        """Our checkpoints hold only tensors and plain data, so they always load with weights_only=True."""
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        """Our checkpoints hold only tensors and plain data: always weights_only, and a clear CheckpointError
+        for a file that is unsafe, truncated or not a checkpoint."""
+        return read_state_dict_file(path, map_location=map_location or "cpu")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
-import re
 import signal
 import time
 from contextlib import contextmanager
@@ -21,7 +19,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .models.checkpoints import CheckpointError
 
 EXIT_SIGTERM = 128 + signal.SIGTERM
 """Exit status after a SIGTERM stop (the shell's convention for 'terminated'): the run can be resumed."""
@@ -105,7 +102,7 @@ class StopOnNonFiniteLoss(Callback):
 
 @contextmanager
 def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None]:
-    """Run ``trainer.fit`` in this: SIGTERM, NaN loss, out-of-memory and unsafe checkpoints become clear messages."""
+    """Run ``trainer.fit`` in this: SIGTERM, NaN loss and out-of-memory become clear messages."""
     try:
         yield
     except SIGTERMException:
@@ -114,18 +111,6 @@ def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None
         raise RunStopped(non_finite_message(err, trainer, args), EXIT_TRAINING_FAULT) from None
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
         raise RunStopped(out_of_memory_message(args), EXIT_TRAINING_FAULT) from None
-    except pickle.UnpicklingError as err:  # only checkpoint loading unpickles during fit
-        raise CheckpointError(unpickling_message(trainer.ckpt_path, err)) from None
-
-
-def unpickling_message(path: str | None, err: pickle.UnpicklingError) -> str:
-    """Why weights_only loading refused a checkpoint: a forbidden object (named), or bytes that are no checkpoint."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    if found or "Weights only load failed" in str(err):
-        return (f"refused to load {path}: it holds objects other than tensors and plain data"
-                f"{f' ({found.group(1)})' if found else ''}, and unpickling them could run arbitrary code. "
-                f"Resume only from checkpoints written by pvt-lightning.")
-    return f"cannot read checkpoint {path}: it is not a complete PyTorch checkpoint ({str(err).splitlines()[0]})"
 
 
 def _saver(trainer: L.Trainer) -> LastCheckpointSaver | None:

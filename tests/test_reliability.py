@@ -323,3 +323,27 @@ def test_booby_trapped_pickle_via_the_command_line_exits_2_without_traceback(wor
     assert proc.stderr.strip().splitlines()[-1].startswith("pvt-lightning: error: refused to load")
     assert "Traceback" not in proc.stderr
     assert not marker.exists(), "the payload ran"
+
+
+def test_truncated_resume_checkpoint_is_a_clear_error(workspace, monkeypatch, capsys):
+    good = workspace / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, good)
+    broken = workspace / "truncated.ckpt"
+    broken.write_bytes(good.read_bytes()[:600])
+    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.chdir(workspace)
+    assert cli.main([*QUICK, "--resume", str(broken), "--name", "truncated"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.ckpt" in err and "cannot read" in err
+
+
+def test_atomic_save_sweeps_stale_temp_files_and_keeps_the_usual_mode(tmp_path):
+    from pvt_lightning.checkpointing import atomic_torch_save
+
+    stale = tmp_path / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    atomic_torch_save({"x": torch.ones(2)}, tmp_path / "last.ckpt")
+    assert not stale.exists()
+    reference = tmp_path / "plain.pt"
+    torch.save({"x": torch.ones(2)}, reference)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777

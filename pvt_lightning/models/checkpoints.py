@@ -22,8 +22,8 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, or not matching the model."""
 
 
-def read_state_dict_file(path: str | Path) -> Mapping:
-    """Read a checkpoint file without unpickling arbitrary objects."""
+def read_state_dict_file(path: str | Path, map_location="cpu") -> Mapping:
+    """Read a checkpoint file without unpickling arbitrary objects; any failure is a CheckpointError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path} (pass the path of a .pth/.pt/.ckpt/.safetensors file)")
@@ -34,14 +34,16 @@ def read_state_dict_file(path: str | Path) -> Mapping:
             raise CheckpointError(f"{path} is a safetensors file; install it with `pip install safetensors`") from err
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain containers, and unpickling "
-            f"them could run arbitrary code. If you trust the file, re-save only its state dict with "
-            f"torch.save(obj['model'].state_dict(), 'weights.pth') and pass that. ({str(err).splitlines()[0]})"
+            f"refused to load {path}: it holds objects other than tensors and plain containers"
+            f"{f' ({forbidden.group(1)})' if forbidden else ''}, and unpickling them could run arbitrary code. "
+            f"If you trust the file, re-save only its state dict with "
+            f"torch.save(obj['model'].state_dict(), 'weights.pth') and pass that."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"cannot read weights file {path}: {err}. Is it a complete PyTorch checkpoint?") from None
 
 
