@@ -70,28 +70,15 @@ def build_pair(variant: str, num_classes: int = 1000, seed: int = 0) -> dict[boo
 
 # --- the sweep ----------------------------------------------------------------------------------------
 
-def complexity_with_attention(model: torch.nn.Module, size: Size):
-    """``measure_complexity`` with the attention's matmuls counted.
-
-    On CPU, ``F.scaled_dot_product_attention`` runs a fused flash-attention kernel for which
-    ``FlopCounterMode`` has no formula (torch 2.14), so it counts the attention as 0 MACs: exactly the
-    term linear SRA changes. Under the math backend the same attention is plain matmuls, all counted.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return measure_complexity(model, tuple(size))
-
-
 def complexity_rows(variant: str, sizes: Sequence[Size]) -> list[dict[str, Any]]:
     """Params and GMACs (FlopCounterMode, attention included) of both models at every size."""
     models = build_pair(variant)
     rows = []
     for size in sizes:
         for linear, model in models.items():
-            c = complexity_with_attention(model, tuple(size))
+            c = measure_complexity(model, tuple(size))
             rows.append(dict(variant=variant, linear_sra=linear, size=size_label(size), h=size[0], w=size[1],
-                             pixels=size[0] * size[1], params_m=c.params_m, gmacs=c.gmacs))
+                             pixels=size[0] * size[1], params_m=c.params_m, gmacs=c.total_gmacs))
     return rows
 
 
@@ -281,7 +268,7 @@ def findings(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]] = ()
     lines.append(f"{variant}: linear SRA changes the parameters from {params[2]:.2f} M to {params[3]:.2f} M "
                  f"({100 * (params[3] / params[2] - 1):+.1f}%), at every input size.")
     g = paired(rows, "gmacs")
-    lines.append(f"GMACs per image, off -> on: " + ", ".join(f"{s} {off:.2f} -> {on:.2f} ({gain(off, on, 'gmacs'):.2f}x)"
+    lines.append("GMACs per image, off -> on: " + ", ".join(f"{s} {off:.2f} -> {on:.2f} ({gain(off, on, 'gmacs'):.2f}x)"
                                                             for s, _, off, on in g) + ".")
     for metric in ("gmacs", "infer_img_s", "train_img_s", "infer_mem_mb", "train_mem_mb"):
         points = paired(rows, metric)
@@ -441,7 +428,7 @@ def train_pair(variant: str, logdir: str | Path, data_dir: str | Path | None = N
 
 
 __all__ = [
-    "METRICS", "SIZES", "build_pair", "complexity_rows", "complexity_with_attention", "crossover", "default_variant", "findings", "gain",
+    "METRICS", "SIZES", "build_pair", "complexity_rows", "crossover", "default_variant", "findings", "gain",
     "merge_rows", "paired", "peak_memory", "plot_gain", "plot_sweep", "ratio_table", "run_cli", "save_rows", "set_threads", "size_label", "sort_sizes", "sweep",
     "throughput", "train_pair",
 ]

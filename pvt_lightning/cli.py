@@ -338,6 +338,7 @@ def train(args: argparse.Namespace) -> int:
         resume_from = find_last_checkpoint(run_root)
     elif args.resume:
         resume_from = Path(args.resume).expanduser()
+    launcher = RUN_VERSION_ENV not in os.environ  # DDP workers inherit the launcher's choice
     version = int(os.environ.setdefault(RUN_VERSION_ENV, str(next_version(run_root))))
     logger = TensorBoardLogger(save_dir=str(Path(args.logdir).expanduser()), name=name, version=version,
                                default_hp_metric=False)
@@ -375,8 +376,12 @@ def train(args: argparse.Namespace) -> int:
              f"precision {args.precision} | run dir {run_dir}")
 
     started = time.perf_counter()
-    with explain_stops(trainer, args):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        with explain_stops(trainer, args):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    finally:
+        if launcher:  # a later run in this process (a notebook, a test) picks its own version
+            os.environ.pop(RUN_VERSION_ENV, None)
     if not trainer.is_global_zero:
         return 0
     summary = build_summary(trainer, module, datamodule, checkpoint, complexity, args)

@@ -92,7 +92,7 @@ def test_linear_sra_attention_pools_keys_to_7x7():
     tokens = torch.randn(1, 56 * 56, 32)
     assert attn.reduce(tokens, (56, 56)).shape == (1, 49, 32)
     # Official linear mode: ReLU after fc1 in the MLP.
-    assert isinstance(model.stages[0].blocks[0].mlp.relu, torch.nn.ReLU)
+    assert model.stages[0].blocks[0].mlp.extra_relu
 
 
 def test_b0_trains_and_every_parameter_gets_a_gradient():
@@ -129,3 +129,20 @@ def test_grad_checkpointing_gives_same_gradients(linear_sra):
     checkpointed = grads()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_attention_macs_are_counted_and_reported_apart(monkeypatch):
+    """b0 at 448x448: q.k^T and attn.v of every block cost N queries x M keys x C channels, twice."""
+    import torch.nn.functional as F
+
+    model = create_model("b0")
+    counted = measure_complexity(model, (448, 448))
+    stages = [(112 * 112, 14 * 14, 32), (56 * 56, 14 * 14, 64), (28 * 28, 14 * 14, 160), (14 * 14, 14 * 14, 256)]
+    expected = sum(2 * 2 * n * m * c for n, m, c in stages) / 1e9  # 2 blocks per stage, 2 matmuls per block
+    assert counted.attention_gmacs == pytest.approx(expected, rel=1e-9)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kwargs: q)  # attention costs nothing
+    without_attention = measure_complexity(model, (448, 448))
+    # With attention nulled the counter sees only convolutions and linear layers: exactly our ``gmacs``.
+    assert counted.gmacs == pytest.approx(without_attention.total_gmacs, rel=1e-9)
+    li = measure_complexity(create_model("b0", linear_sra=True), (448, 448))
+    assert li.attention_gmacs == pytest.approx(sum(2 * 2 * n * 49 * c for n, _, c in stages) / 1e9, rel=1e-9)
