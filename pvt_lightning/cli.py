@@ -442,6 +442,7 @@ def build_summary(trainer, module, datamodule, checkpoint, complexity, args) -> 
         "class_names": list(datamodule.class_names),
         "params_m": round(complexity.params_m, 3),
         "gmacs": round(complexity.gmacs, 3),
+        "attention_gmacs": round(complexity.attention_gmacs, 3),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "metrics": metrics,
