@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="repeat the interleaved measurement; report medians")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-steps", type=int, default=2, help="steps per mode in the peak-memory subprocess")
     p.add_argument("--no-reference", action="store_true", help="time our model only")
+    p.add_argument("--reference-variant", default=None,
+                   help="compare against OUR model of this variant instead of timm's (e.g. b2_li vs b2)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"), help="folder for benchmark.csv/.md")
     p.add_argument("--tag", default="benchmark", help="file stem of the outputs (default: benchmark)")
     p.add_argument("--data-loader", action="store_true",
@@ -82,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     try:
         args.variants = [canonical_name(v) for v in args.variants]
+        if args.reference_variant:
+            args.reference_variant = canonical_name(args.reference_variant)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    for name in ("batch_size", "steps", "repeats", "images"):
+    for name in ("batch_size", "steps", "repeats", "images", "memory_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -112,22 +117,31 @@ def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def run_models(args: argparse.Namespace, peak_flops: float) -> list[dict]:
+def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: None) -> list[dict]:
+    """One row per variant, size and mode; ``save(rows)`` after each, so a long run leaves partial tables."""
     rows = []
     for variant in args.variants:
         for size in args.sizes:
             torch.manual_seed(0)
             ours = bm.build_model(variant, "ours")
             complexity = measure_complexity(ours, size)
-            reference = None if args.no_reference else bm.reference_with_same_weights(ours, variant)
-            ref_name = "" if reference is None else ("torchvision resnet50" if variant == "resnet50" else f"timm pvt_v2_{variant}")
+            if args.no_reference:
+                reference, ref_name, ref_impl, ref_variant = None, "", "", variant
+            elif args.reference_variant:
+                ref_variant, ref_impl, ref_name = args.reference_variant, "ours", f"ours {args.reference_variant}"
+                reference = bm.build_model(ref_variant, "ours")
+            else:
+                reference = bm.reference_with_same_weights(ours, variant)
+                ref_variant, ref_impl = variant, "reference"
+                ref_name = "torchvision resnet50" if variant == "resnet50" else f"timm pvt_v2_{variant}"
             models = [prepare(ours, args)] + ([] if reference is None else [prepare(reference, args)])
             mem: dict[str, dict] = {}
             if not args.no_memory:  # one fresh subprocess per model, all modes
-                for impl in ["ours"] + ([] if reference is None else ["reference"]):
-                    mem[impl] = bm.measure_peak_memories(variant, size, args.batch_size, args.modes, args.device,
-                                                         args.precision, impl, args.grad_checkpointing,
-                                                         args.channels_last)
+                for key, name, impl in [("ours", variant, "ours")] + ([] if reference is None else
+                                                                      [("reference", ref_variant, ref_impl)]):
+                    mem[key] = bm.measure_peak_memories(name, size, args.batch_size, args.modes, args.device,
+                                                        args.precision, impl, args.grad_checkpointing,
+                                                        args.channels_last, steps=args.memory_steps)
             for mode in args.modes:
                 per_repeat = [bm.compare_throughput(models, size, args.batch_size, mode, args.device, args.precision,
                                                     args.steps, args.warmup, args.channels_last)
@@ -147,6 +161,7 @@ def run_models(args: argparse.Namespace, peak_flops: float) -> list[dict]:
                            ref_act_mb=mem["reference"][mode].activations_mb if "reference" in mem else None,
                            ours_gflop_s=achieved / 1e9, pct_of_peak=100 * achieved / peak_flops)
                 rows.append(row)
+                save(rows)
                 print(f"{variant:8s} {row['size']:>8s} {mode:5s} ours {ours_ips:7.2f} img/s  "
                       f"{ref_name or 'reference'} {fmt(ref_ips):>7s} img/s  ratio {fmt(ratio, 3):>6s}  "
                       f"peak MB ours {fmt(row['ours_peak_mb'], 0)} ref {fmt(row['ref_peak_mb'], 0)}  "
@@ -254,6 +269,9 @@ def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
     else:
         where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     peak = "" if peak_flops is None else f"; measured matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
+    if args.data_loader:
+        return (f"Machine: {platform.processor() or platform.machine()}, one worker process, 1 thread; "
+                f"generated 500x375 JPEGs; median of {max(args.repeats, 3)} passes, interleaved.")
     return (f"Machine: {args.device} ({where}){peak}; torch {torch.__version__}; "
             f"batch {args.batch_size}, warm-up {args.warmup}, {args.steps} timed steps x {args.repeats} repeats.")
 
@@ -276,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float16 if args.precision == "16-mixed" else torch.float32
         peak = bm.matmul_peak_flops(args.device, dtype)
         print(machine_line(args, peak), flush=True)
-        rows = run_models(args, peak)
-        paths = write_outputs(rows, COLUMNS, args.out, args.tag, machine_line(args, peak))
+        save = lambda rows: write_outputs(rows, COLUMNS, args.out, args.tag, machine_line(args, peak))  # noqa: E731
+        paths = save(run_models(args, peak, save))
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 

@@ -13,7 +13,7 @@ NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ours_peak_m
            "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
 
 
-def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout)
 
@@ -21,7 +21,7 @@ def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_benchmark_end_to_end(tmp_path):
     pytest.importorskip("timm")
     proc = run("--variants", "b0", "--sizes", "64x64", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-               "--threads", "1", "--out", str(tmp_path))
+               "--threads", "1", "--memory-steps", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "ratio" in proc.stdout
     with open(tmp_path / "benchmark.csv") as f:
@@ -53,3 +53,13 @@ def test_bad_flags_exit_2_without_traceback(flags, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_data_loader_mode(tmp_path):
+    proc = run("--data-loader", "--images", "3", "--sizes", "48x64", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "benchmark_data.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pipeline"].split()[0] for r in rows] == ["ours", "torchvision"]
+    assert all(r["size"] == "48x64" and float(r["img_s_per_worker"]) > 0 for r in rows)
+    assert float(rows[1]["ratio_vs_torchvision"]) == 1.0
