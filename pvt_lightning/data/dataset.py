@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import Callable
 
@@ -124,12 +123,10 @@ class CollateDroppingBad:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, distinct augmentation seeds, and
-    SIGTERM left to the main process (SLURM signals the whole process group; the trainer saves, then stops)."""
+    """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, and distinct augmentation seeds."""
     import cv2
 
     cv2.setNumThreads(0)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, ImageDataset):
         info.dataset.reseed(info.seed)
