@@ -323,10 +323,18 @@ def plot_sweep(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path:
         if log_y and values and max(values) / min(values) > 3:  # log scale only where it spans a wide range
             _log_y(ax)
         ax.set_ylabel(METRICS[metric][0] + (" (log scale)" if ax.get_yscale() == "log" else ""))
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize="small")
+        _grid_and_legend(ax)
     if title:
         figure.suptitle(title)
+    return _save(figure, out_path)
+
+
+def _grid_and_legend(ax) -> None:
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+
+
+def _save(figure, out_path: str | Path) -> Path:
     figure.tight_layout()
     figure.savefig(out_path)
     return Path(out_path)
@@ -367,13 +375,10 @@ def plot_gain(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path: 
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="break-even")
     _size_axis(ax, paired(rows, "gmacs"))
     ax.set_ylabel("gain of linear SRA (x; > 1 = better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    _grid_and_legend(ax)
     if title:
         ax.set_title(title)
-    figure.tight_layout()
-    figure.savefig(out_path)
-    return Path(out_path)
+    return _save(figure, out_path)
 
 
 # --- short trainings through the CLI -------------------------------------------------------------------------

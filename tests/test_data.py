@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, write_jpeg
+from conftest import write_jpeg
 from pvt_lightning.data import (DEMO_IMG_SIZE, BadImageError, DataError, ImageFolderDataModule, decode_image,
                                 ensure_demo_dataset, read_image)
 from pvt_lightning.data.decode import jpeg_size

@@ -338,8 +338,6 @@ def test_truncated_resume_checkpoint_is_a_clear_error(workspace, monkeypatch, ca
 
 
 def test_atomic_save_sweeps_stale_temp_files_and_keeps_the_usual_mode(tmp_path):
-    from pvt_lightning.checkpointing import atomic_torch_save
-
     stale = tmp_path / ".last.ckpt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")
     atomic_torch_save({"x": torch.ones(2)}, tmp_path / "last.ckpt")
