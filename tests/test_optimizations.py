@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pvt_lightning import create_model
 from pvt_lightning.benchmark import reference_with_same_weights
-from pvt_lightning.models.pvt_v2 import pool_tokens, tokens_to_map
+from pvt_lightning.models.pvt_v2 import pool_tokens, pool_tokens_by_matmul, tokens_to_map
 
 timm = pytest.importorskip("timm")
 
@@ -82,6 +82,14 @@ def test_pooling_fast_path_equals_adaptive_pool(hw):
     x = torch.randn(2, hw[0] * hw[1], 16)
     expected = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(2, 16, *hw), 7).flatten(2).transpose(1, 2)
     torch.testing.assert_close(pool_tokens(x, hw, 7), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(9, 9), (16, 23), (64, 73)])
+def test_matmul_pooling_equals_adaptive_pool(hw):
+    """The CUDA path for sides that are not multiples of 7 (checked here on CPU) is adaptive pooling exactly."""
+    x = torch.randn(3, hw[0] * hw[1], 8, dtype=torch.float64)
+    expected = F.adaptive_avg_pool2d(x.transpose(1, 2).reshape(3, 8, *hw), 7).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pool_tokens_by_matmul(x, hw, 7), expected, atol=1e-12, rtol=1e-12)
 
 
 def test_tokens_to_map_is_a_channels_last_view():

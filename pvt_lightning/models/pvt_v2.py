@@ -17,6 +17,7 @@ so the convolutions inside a stage cost no layout copies.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -179,19 +180,43 @@ class SpatialReductionAttention(nn.Module):
 def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
     """Adaptive average pool of a token map to ``size x size``: (B, H*W, C) -> (B, size^2, C).
 
-    Pools the channels-last view of the tokens (no NCHW round trip, as timm does); when both sides
+    Pools the channels-last view of the tokens (no NCHW round trip, as timm does). When both sides
     are multiples of ``size`` the adaptive pool is a plain ``avg_pool2d`` with kernel = stride, whose
-    channels-last kernel is several times faster than the adaptive one.
+    channels-last kernel is several times faster than the adaptive one. Otherwise, on CUDA, two small
+    averaging matmuls replace PyTorch's channels-last adaptive-pool kernel, which runs one thread
+    block per image when the output is as small as 7x7 (the likely cause of timm's b2_li being
+    slower than b2 on GPUs); on CPU the adaptive kernel is the faster one.
     """
     H, W = hw
     if H == size and W == size:
         return x
-    x = tokens_to_map(x, hw)  # (B, C, H, W), channels-last view
     if H % size == 0 and W % size == 0:
-        x = F.avg_pool2d(x, (H // size, W // size))
-    else:
-        x = F.adaptive_avg_pool2d(x, size)
-    return map_to_tokens(x)  # (B, size^2, C)
+        pooled = F.avg_pool2d(tokens_to_map(x, hw), (H // size, W // size))  # channels-last view in and out
+        return map_to_tokens(pooled)
+    if x.is_cuda:
+        return pool_tokens_by_matmul(x, hw, size)
+    return map_to_tokens(F.adaptive_avg_pool2d(tokens_to_map(x, hw), size))  # (B, size^2, C)
+
+
+def pool_tokens_by_matmul(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
+    """``pool_tokens`` as separable averaging matmuls (rows, then columns): (B, H*W, C) -> (B, size^2, C)."""
+    B, _, C = x.shape
+    H, W = hw
+    pool_w = adaptive_pool_matrix(W, size, x.device, x.dtype)  # (size, W)
+    pool_h = adaptive_pool_matrix(H, size, x.device, x.dtype)  # (size, H)
+    x = torch.matmul(pool_w, x.view(B, H, W, C))  # (B, H, size, C)
+    x = torch.matmul(pool_h, x.view(B, H, size * C))  # (B, size, size * C)
+    return x.view(B, size * size, C)
+
+
+@functools.lru_cache(maxsize=64)
+def adaptive_pool_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size, n) matrix averaging adaptive pooling's bins [floor(i*n/size), ceil((i+1)*n/size)) along one axis."""
+    i = torch.arange(size)
+    start, end = (i * n) // size, ((i + 1) * n + size - 1) // size
+    j = torch.arange(n)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return (inside.double() / (end - start)[:, None]).to(device=device, dtype=dtype)
 
 
 class ConvMlp(nn.Module):
