@@ -179,27 +179,30 @@ def measure_peak_memory_here(model: nn.Module, img_size: tuple[int, int] = (224,
 def measure_peak_memory(model_name: str, img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
                         mode: str = "train", device: str = "cpu", precision: str = "32", impl: str = "ours",
                         grad_checkpointing: bool = False, channels_last: bool = False, steps: int = 2,
-                        timeout: float = 1800) -> PeakMemory:
+                        timeout: float = 1800, keep_freed_memory: bool = False) -> PeakMemory:
     """Peak memory of a model built by name (``impl`` 'ours', 'timm' or 'torchvision'), in a fresh subprocess.
 
     A fresh process makes CPU peak RSS mean this model only; on CUDA it also isolates the caching allocator.
     """
     return measure_peak_memories(model_name, img_size, batch_size, (mode,), device, precision, impl,
-                                 grad_checkpointing, channels_last, steps, timeout)[mode]
+                                 grad_checkpointing, channels_last, steps, timeout, keep_freed_memory)[mode]
 
 
 def measure_peak_memories(model_name: str, img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
                           modes: Sequence[str] = MODES, device: str = "cpu", precision: str = "32",
                           impl: str = "ours", grad_checkpointing: bool = False, channels_last: bool = False,
-                          steps: int = 2, timeout: float = 1800) -> dict[str, PeakMemory]:
+                          steps: int = 2, timeout: float = 1800, keep_freed_memory: bool = False) -> dict[str, PeakMemory]:
     """``measure_peak_memory`` for several modes in one subprocess (inference first: its peak is the lower).
+
+    ``keep_freed_memory`` applies ``pvt_lightning.allocator.keep_freed_memory`` in the subprocess.
 
     The peak-RSS mark is reset between modes (Linux); where that is unsupported, only the first mode's
     CPU peak is exact and later ones are upper bounds of their own peak.
     """
     spec = dict(model_name=model_name, img_size=list(img_size), batch_size=batch_size,
                 modes=sorted(modes, key=MODES.index), device=device, precision=precision, impl=impl,
-                grad_checkpointing=grad_checkpointing, channels_last=channels_last, steps=steps)
+                grad_checkpointing=grad_checkpointing, channels_last=channels_last, steps=steps,
+                keep_freed_memory=keep_freed_memory)
     code = "import sys, json; from pvt_lightning.benchmark import _memory_worker; _memory_worker(json.loads(sys.argv[1]))"
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,6 +216,10 @@ def measure_peak_memories(model_name: str, img_size: tuple[int, int] = (224, 224
 
 
 def _memory_worker(spec: dict) -> None:
+    if spec.get("keep_freed_memory"):
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(0)
     model = build_model(spec["model_name"], spec["impl"]).to(spec["device"])
     if spec["grad_checkpointing"]:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .allocator import keep_freed_memory
 from .models import MIN_INPUT_SIZE, VARIANTS, canonical_name
 from .models.checkpoints import CheckpointError, read_state_dict_file
 from .models.registry import DEFAULT_GRAD_CLIP, is_pvt_v2
@@ -568,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, explicit = parse_args(argv)
         args.explicit = explicit
+        keep_freed_memory()  # CPU steps stop page-faulting their activations back in (see allocator.py)
         if args.evaluate:
             return evaluate(args)
         if args.predict:
