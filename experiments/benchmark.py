@@ -27,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pvt_lightning import benchmark as bm  # noqa: E402
+from pvt_lightning.allocator import keep_freed_memory  # noqa: E402
 from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
-DATA_COLUMNS = ["pipeline", "size", "images", "img_s_per_worker", "ratio_vs_torchvision"]
+DATA_COLUMNS = ["pipeline", "size", "images", "workers", "img_s", "img_s_per_worker", "ratio_vs_torchvision"]
+TORCHVISION_PIPELINE = "torchvision + PIL (float, normalised)"
 
 
 class UsageError(Exception):
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="repeat the interleaved measurement; report medians")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc (by default freed memory stays in the process, as in training "
+                        "runs; see pvt_lightning/allocator.py)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps per mode in the peak-memory subprocess")
     p.add_argument("--no-reference", action="store_true", help="time our model only")
     p.add_argument("--reference-variant", default=None,
@@ -79,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-loader", action="store_true",
                    help="measure decode+augment images/s per worker: our pipeline vs torchvision+PIL")
     p.add_argument("--images", type=int, default=64, help="--data-loader: number of generated 500x375 JPEGs")
+    p.add_argument("--workers", type=int, default=0,
+                   help="--data-loader: also time the real training DataLoader with this many worker processes "
+                        "(ours and torchvision ImageFolder), total images/s")
     return p
 
 
@@ -92,8 +100,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "steps", "repeats", "images", "memory_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise UsageError("--warmup must be >= 0")
+    if args.warmup < 0 or args.workers < 0:
+        raise UsageError("--warmup and --workers must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     if args.precision == "16-mixed" and args.device == "cpu":
@@ -141,7 +149,8 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                                                                       [("reference", ref_variant, ref_impl)]):
                     mem[key] = bm.measure_peak_memories(name, size, args.batch_size, args.modes, args.device,
                                                         args.precision, impl, args.grad_checkpointing,
-                                                        args.channels_last, steps=args.memory_steps)
+                                                        args.channels_last, steps=args.memory_steps,
+                                                        keep_freed_memory=args.kept_freed_memory)
             for mode in args.modes:
                 per_repeat = [bm.compare_throughput(models, size, args.batch_size, mode, args.device, args.precision,
                                                     args.steps, args.warmup, args.channels_last)
@@ -171,12 +180,13 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
 
 # --- data loading ------------------------------------------------------------------------------------
 
-def write_jpegs(folder: Path, count: int) -> list[Path]:
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """``count`` 500x375 JPEGs of smooth random colour fields with noise (quality 90)."""
     import cv2
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -188,12 +198,23 @@ def write_jpegs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def torchvision_train_transform(size: tuple[int, int]):
+    """The usual torchvision+PIL training pipeline, as timm/DeiT-style codebases build it."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
 def run_data_loader(args: argparse.Namespace) -> list[dict]:
-    """Decode + train augmentation per worker (one process, one thread): ours vs torchvision+PIL."""
+    """Decode + train augmentation per worker (one process, one thread): ours vs torchvision+PIL.
+
+    With ``--workers N`` also the real training DataLoaders (ours: ``ImageFolderDataModule``;
+    torchvision: ``ImageFolder``), N worker processes, batch ``--batch-size``, total images/s.
+    """
     import tempfile
 
     import cv2
-    import torchvision.transforms as T
     from PIL import Image
 
     from pvt_lightning.data.dataset import ImageDataset
@@ -203,12 +224,15 @@ def run_data_loader(args: argparse.Namespace) -> list[dict]:
     cv2.setNumThreads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_jpegs(Path(tmp), args.images)
+        root = Path(tmp) / "images"  # ImageFolder layout: {train,val}/{a,b}/*.jpg, one image per val class
+        paths = write_jpegs(root / "train" / "a", args.images - args.images // 2, seed=0)
+        paths += write_jpegs(root / "train" / "b", args.images // 2, seed=1)
+        for seed, name in enumerate("ab", start=2):
+            write_jpegs(root / "val" / name, 1, seed=seed)
         for size in args.sizes:
             ours = ImageDataset([(str(p), 0) for p in paths], train_transform(size, seed=0), bad_log=None,
                                 bad_images="error", min_side=max(resize_target(size, 0.875)))
-            tv = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+            tv = torchvision_train_transform(size)
 
             def load_ours():
                 for i in range(len(paths)):
@@ -219,22 +243,60 @@ def run_data_loader(args: argparse.Namespace) -> list[dict]:
                     with Image.open(p) as im:
                         tv(im.convert("RGB"))
 
-            times = {"ours (OpenCV + albumentations, uint8)": [], "torchvision + PIL (float, normalised)": []}
-            loaders = dict(zip(times, (load_ours, load_tv)))
-            for name in loaders:  # warm-up
-                loaders[name]()
-            for i in range(max(args.repeats, 3)):
-                for name in (list(loaders) if i % 2 == 0 else list(reversed(loaders))):
-                    start = time.perf_counter()
-                    loaders[name]()
-                    times[name].append(time.perf_counter() - start)
-            ips = {name: len(paths) / statistics.median(t) for name, t in times.items()}
-            ref = ips["torchvision + PIL (float, normalised)"]
-            for name, value in ips.items():
-                rows.append(dict(pipeline=name, size=f"{size[0]}x{size[1]}", images=len(paths),
-                                 img_s_per_worker=value, ratio_vs_torchvision=value / ref))
-                print(f"{name:40s} {size[0]}x{size[1]}  {value:7.1f} img/s per worker  ratio {value / ref:.2f}", flush=True)
+            names = ("ours (OpenCV + albumentations, uint8)", TORCHVISION_PIPELINE)
+            ips = interleaved_rates(dict(zip(names, (load_ours, load_tv))), len(paths), max(args.repeats, 3))
+            rows += data_rows(ips, size, len(paths), workers=1)
+            if args.workers:
+                loaders = {f"ours DataLoader ({args.workers} workers)": ours_train_loader(root, size, args),
+                           f"{TORCHVISION_PIPELINE} DataLoader": torchvision_train_loader(root / "train", size, args)}
+                passes = {name: (lambda loader=loader: sum(len(b[0]) for b in loader)) for name, loader in loaders.items()}
+                ips = interleaved_rates(passes, len(paths) // args.batch_size * args.batch_size, max(args.repeats, 3))
+                rows += data_rows(ips, size, len(paths), workers=args.workers)
     return rows
+
+
+def interleaved_rates(passes: dict, images: int, repeats: int) -> dict[str, float]:
+    """Images/s of each ``passes[name]()`` (one pass over ``images``): a warm-up pass each, then
+    ``repeats`` interleaved passes (A B, B A, ...), median time."""
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for run_pass in passes.values():
+        run_pass()
+    for i in range(repeats):
+        for name in (list(passes) if i % 2 == 0 else list(reversed(passes))):
+            start = time.perf_counter()
+            passes[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: images / statistics.median(t) for name, t in times.items()}
+
+
+def data_rows(ips: dict[str, float], size: tuple[int, int], images: int, workers: int) -> list[dict]:
+    """Rows of ``ips`` (the torchvision pipeline last) with ratios against the torchvision one."""
+    ref = ips[next(name for name in ips if name.startswith(TORCHVISION_PIPELINE))]
+    rows = []
+    for name, value in ips.items():
+        rows.append(dict(pipeline=name, size=f"{size[0]}x{size[1]}", images=images, workers=workers, img_s=value,
+                         img_s_per_worker=value / workers, ratio_vs_torchvision=value / ref))
+        print(f"{name:48s} {size[0]}x{size[1]}  {value:8.1f} img/s ({value / workers:6.1f} per worker)  "
+              f"ratio {value / ref:.2f}", flush=True)
+    return rows
+
+
+def ours_train_loader(root: Path, size: tuple[int, int], args: argparse.Namespace):
+    """Our real training loader (uint8 batches; normalising happens on the device, not timed here)."""
+    from pvt_lightning.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(root, img_size=size, batch_size=args.batch_size, num_workers=args.workers,
+                               augment="basic", pin_memory=False)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def torchvision_train_loader(root: Path, size: tuple[int, int], args: argparse.Namespace):
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    return DataLoader(ImageFolder(str(root), torchvision_train_transform(size)), batch_size=args.batch_size,
+                      shuffle=True, drop_last=True, num_workers=args.workers, persistent_workers=True)
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -272,7 +334,8 @@ def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
     if args.data_loader:
         return (f"Machine: {platform.processor() or platform.machine()}, one worker process, 1 thread; "
                 f"generated 500x375 JPEGs; median of {max(args.repeats, 3)} passes, interleaved.")
-    return (f"Machine: {args.device} ({where}){peak}; torch {torch.__version__}; "
+    malloc = "freed memory kept in-process" if getattr(args, "kept_freed_memory", False) else "default malloc"
+    return (f"Machine: {args.device} ({where}){peak}; torch {torch.__version__}; {malloc}; "
             f"batch {args.batch_size}, warm-up {args.warmup}, {args.steps} timed steps x {args.repeats} repeats.")
 
 
@@ -287,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.kept_freed_memory = False if args.default_malloc else keep_freed_memory()
     if args.data_loader:
         rows = run_data_loader(args)
         paths = write_outputs(rows, DATA_COLUMNS, args.out, f"{args.tag}_data", machine_line(args, None))

@@ -56,10 +56,14 @@ def test_bad_flags_exit_2_without_traceback(flags, message):
 
 
 def test_data_loader_mode(tmp_path):
-    proc = run("--data-loader", "--images", "3", "--sizes", "48x64", "--out", str(tmp_path))
+    proc = run("--data-loader", "--images", "6", "--sizes", "48x64", "--workers", "2", "--batch-size", "2",
+               "--repeats", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "benchmark_data.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["pipeline"].split()[0] for r in rows] == ["ours", "torchvision"]
-    assert all(r["size"] == "48x64" and float(r["img_s_per_worker"]) > 0 for r in rows)
-    assert float(rows[1]["ratio_vs_torchvision"]) == 1.0
+    # one worker's decode+augment, then the real DataLoaders with 2 worker processes each
+    assert [(r["pipeline"].split()[0], r["workers"]) for r in rows] == [
+        ("ours", "1"), ("torchvision", "1"), ("ours", "2"), ("torchvision", "2")]
+    assert all(r["size"] == "48x64" and float(r["img_s"]) > 0 for r in rows)
+    assert float(rows[2]["img_s_per_worker"]) == pytest.approx(float(rows[2]["img_s"]) / 2)
+    assert float(rows[1]["ratio_vs_torchvision"]) == float(rows[3]["ratio_vs_torchvision"]) == 1.0
