@@ -275,19 +275,28 @@ def reference_with_same_weights(ours: nn.Module, name: str) -> nn.Module:
 
 # --- machine peak ------------------------------------------------------------------------------------
 
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's measured dense matmul rate in FLOP/s (best of ``repeats`` n x n x n products)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, max_n: int = 2048,
+                      repeats: int = 5) -> float:
+    """The machine's measured dense matmul rate in FLOP/s: best of ``repeats`` n x n x n products.
+
+    n doubles from 256 while a product takes under 50 ms, up to ``max_n``, so a dtype the hardware
+    runs slowly (bf16 on a CPU without bf16 units: about 0.3 GFLOP/s) still measures in seconds.
+    """
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        if best >= 0.05 or n >= max_n:
+            return 2 * n**3 / best
+        n *= 2
 
 
 def achieved_flops(gmacs_per_image: float, images_per_s: float, mode: str) -> float:

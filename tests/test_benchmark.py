@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from pvt_lightning import benchmark as bm
+from pvt_lightning import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmark.py"
@@ -39,6 +43,20 @@ def test_benchmark_end_to_end(tmp_path):
     assert md[0].startswith("Machine: cpu")
     table = [line for line in md if line.startswith("| b0 ")]
     assert len(table) == 2 and all(line.count("|") == len(NUMERIC) + 7 for line in table)
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    """bf16-mixed runs on CPU for both models, autocast included, and says so in the precision column."""
+    pytest.importorskip("timm")
+    proc = run("--variants", "b0", "--sizes", "32x32", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+               "--precision", "bf16-mixed", "--no-memory", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "benchmark.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["precision"]) for r in rows] == [("infer", "bf16-mixed"), ("train", "bf16-mixed")]
+    assert all(float(r["ours_img_s"]) > 0 and float(r["ref_img_s"]) > 0 for r in rows)
+    with bm.autocast_context("cpu", "bf16-mixed"):  # what the timed steps run under
+        assert create_model("b0", num_classes=3)(torch.randn(1, 3, 32, 32)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("flags, message", [
