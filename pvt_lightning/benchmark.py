@@ -280,7 +280,7 @@ def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, m
     """The machine's measured dense matmul rate in FLOP/s: best of ``repeats`` n x n x n products.
 
     n doubles from 256 while a product takes under 50 ms, up to ``max_n``, so a dtype the hardware
-    runs slowly (bf16 on a CPU without bf16 units: about 0.3 GFLOP/s) still measures in seconds.
+    runs slowly (bf16 on a CPU without bf16 units: about 1 GFLOP/s) still measures in seconds.
     """
     n = 256
     while True:
