@@ -4,6 +4,8 @@
 #   bash experiments/gpu_benchmarks.sh [OUT_DIR]      # default: benchmark_results/gpu
 #   BUDGET_S=500 bash experiments/gpu_benchmarks.sh   # stop starting steps after 500 s, cut the running one there
 #
+# Run it from the repository root with this project's requirements and timm importable (where the package is
+# not pip-installed: PYTHONPATH=. ; an offline GPU box needs albumentations 2.0.8 and its dependencies as wheels).
 # Every table is ours vs timm's pvt_v2 (same weights, same process, interleaved), written as
 # OUT_DIR/<tag>.md and .csv; the log of the whole run goes to stdout. Each step has its own time
 # limit, capped by what is left of BUDGET_S, so one slow step cannot take the rest with it.
