@@ -198,6 +198,19 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def write_image_folder(root: Path, classes: int, train_images: int, val_per_class: int) -> list[Path]:
+    """An ImageFolder of generated JPEGs, ``root/{train,val}/class_<k>/``; returns the train paths.
+
+    ``train_images`` are spread over the classes as evenly as they divide; each class gets its own seed.
+    """
+    paths = []
+    for k in range(classes):
+        count = train_images // classes + (k < train_images % classes)
+        paths += write_jpegs(root / "train" / f"class_{k}", count, seed=k)
+        write_jpegs(root / "val" / f"class_{k}", val_per_class, seed=classes + k)
+    return paths
+
+
 def torchvision_train_transform(size: tuple[int, int]):
     """The usual torchvision+PIL training pipeline, as timm/DeiT-style codebases build it."""
     import torchvision.transforms as T
@@ -224,11 +237,8 @@ def run_data_loader(args: argparse.Namespace) -> list[dict]:
     cv2.setNumThreads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "images"  # ImageFolder layout: {train,val}/{a,b}/*.jpg, one image per val class
-        paths = write_jpegs(root / "train" / "a", args.images - args.images // 2, seed=0)
-        paths += write_jpegs(root / "train" / "b", args.images // 2, seed=1)
-        for seed, name in enumerate("ab", start=2):
-            write_jpegs(root / "val" / name, 1, seed=seed)
+        root = Path(tmp) / "images"
+        paths = write_image_folder(root, classes=2, train_images=args.images, val_per_class=1)
         for size in args.sizes:
             ours = ImageDataset([(str(p), 0) for p in paths], train_transform(size, seed=0), bad_log=None,
                                 bad_images="error", min_side=max(resize_target(size, 0.875)))
