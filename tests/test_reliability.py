@@ -143,8 +143,6 @@ def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(workspace, referen
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="DataLoader workers die on SIGTERM and break the step: data/dataset.py "
-                                       "worker_init should ignore SIGTERM (the main process shuts workers down)")
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(workspace):
     """SLURM signals every process of the job, DataLoader workers included, not just the trainer."""
     args = [*QUICK, "--epochs", str(EPOCHS), "--name", "term_group", "--checkpoint-every-minutes", "0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -123,9 +124,16 @@ class CollateDroppingBad:
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, and distinct augmentation seeds."""
+    """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, distinct augmentation seeds, and
+    SIGTERM ignored.
+
+    Schedulers (SLURM, Kubernetes) send SIGTERM to every process of a job. A worker it killed would break
+    the step in progress before the trainer could save; ignoring it lets the main process save, then shut
+    the workers down itself (they also exit when the main process dies).
+    """
     import cv2
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cv2.setNumThreads(0)
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, ImageDataset):
