@@ -7,9 +7,11 @@
 
 Each PVTv2 variant is timed against timm's ``pvt_v2_*`` (resnet50 against torchvision's) carrying
 the same weights, in this process, one step of each in turn (A B B A ...), so drift of a shared
-machine cancels in the ratio. Images/s is the median over timed steps after warm-up; with
-``--repeats`` > 1 the whole measurement is repeated and medians of images/s and of the ratios are
-reported. Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
+machine cancels in the ratio. Images/s is the median over all timed steps (``--steps`` per repeat,
+after warm-up). The ratio (ours / reference speed) is the median over step pairs timed back to back;
+``ratio_lo``..``ratio_hi`` is its 95% confidence interval (distribution-free; wider coverage
+with fewer than 6 pairs, none with 1). A ratio whose interval holds 1.00 is a tie on this machine.
+Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
 Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes.
 """
 
@@ -31,7 +33,8 @@ from pvt_lightning.allocator import keep_freed_memory  # noqa: E402
 from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
-           "ratio", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
+           "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
+           "pct_of_peak"]
 DATA_COLUMNS = ["pipeline", "size", "images", "workers", "img_s", "img_s_per_worker", "ratio_vs_torchvision"]
 TORCHVISION_PIPELINE = "torchvision + PIL (float, normalised)"
 
@@ -152,18 +155,22 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                                                         args.channels_last, steps=args.memory_steps,
                                                         keep_freed_memory=args.kept_freed_memory)
             for mode in args.modes:
-                per_repeat = [bm.compare_throughput(models, size, args.batch_size, mode, args.device, args.precision,
-                                                    args.steps, args.warmup, args.channels_last)
-                              for _ in range(args.repeats)]
-                ours_ips = statistics.median(r[0] for r in per_repeat)
-                ref_ips = statistics.median(r[1] for r in per_repeat) if reference is not None else None
-                ratio = statistics.median(r[0] / r[1] for r in per_repeat) if reference is not None else None
+                times: list[list[float]] = [[] for _ in models]  # per model, the steps of all repeats
+                for _ in range(args.repeats):
+                    for pooled, new in zip(times, bm.compare_step_times(
+                            models, size, args.batch_size, mode, args.device, args.precision, args.steps,
+                            args.warmup, args.channels_last)):
+                        pooled += new
+                ours_ips = args.batch_size / statistics.median(times[0])
+                ref_ips = args.batch_size / statistics.median(times[1]) if reference is not None else None
+                ratio = bm.paired_speed_ratio(times[0], times[1]) if reference is not None else None
+                ratios = dict(ratio=ratio.median, ratio_lo=ratio.low, ratio_hi=ratio.high) if ratio else {}
                 achieved = bm.achieved_flops(complexity.gmacs, ours_ips, mode)
                 row = dict(variant=variant, size=f"{size[0]}x{size[1]}", mode=mode, batch=args.batch_size,
                            precision=args.precision + ("+gc" if args.grad_checkpointing else "")
                            + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else ""),
                            reference=ref_name, params_m=complexity.params_m, gmacs=complexity.gmacs,
-                           ours_img_s=ours_ips, ref_img_s=ref_ips, ratio=ratio,
+                           ours_img_s=ours_ips, ref_img_s=ref_ips, **ratios,
                            ours_peak_mb=mem["ours"][mode].peak_mb if mem else None,
                            ref_peak_mb=mem["reference"][mode].peak_mb if "reference" in mem else None,
                            ours_act_mb=mem["ours"][mode].activations_mb if mem else None,
@@ -172,7 +179,8 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                 rows.append(row)
                 save(rows)
                 print(f"{variant:8s} {row['size']:>8s} {mode:5s} ours {ours_ips:7.2f} img/s  "
-                      f"{ref_name or 'reference'} {fmt(ref_ips):>7s} img/s  ratio {fmt(ratio, 3):>6s}  "
+                      f"{ref_name or 'reference'} {fmt(ref_ips):>7s} img/s  ratio {fmt(row.get('ratio'), 3):>6s} "
+                      f"[{fmt(row.get('ratio_lo'), 3)}, {fmt(row.get('ratio_hi'), 3)}]  "
                       f"peak MB ours {fmt(row['ours_peak_mb'], 0)} ref {fmt(row['ref_peak_mb'], 0)}  "
                       f"{row['ours_gflop_s']:.1f} GFLOP/s ({row['pct_of_peak']:.0f}% of peak)", flush=True)
     return rows

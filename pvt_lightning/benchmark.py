@@ -1,14 +1,16 @@
 """Measuring a model's speed and memory: images/s for inference or a training step, and peak memory.
 
 Used by ``experiments/benchmark.py`` and the ablation notebooks. Timings are the median of
-timed steps after warm-up (CUDA-synchronised on a GPU). ``compare_throughput`` interleaves two
-models step by step (A B A B ...) so that drift of a shared machine hits both alike.
+timed steps after warm-up (CUDA-synchronised on a GPU). ``compare_step_times`` interleaves two
+models step by step (A B B A ...) so that drift of a shared machine hits both alike, and
+``paired_speed_ratio`` turns the pairs into a speed ratio with a confidence interval.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -96,10 +98,11 @@ def measure_throughput(model: nn.Module, img_size: tuple[int, int] = (224, 224),
     return batch_size / statistics.median(times)
 
 
-def compare_throughput(models: Sequence[nn.Module], img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
+def compare_step_times(models: Sequence[nn.Module], img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
                        mode: str = "infer", device: str = "cpu", precision: str = "32", steps: int = 10,
-                       warmup: int = 3, channels_last: bool = False) -> list[float]:
-    """Images/s of each model, measured interleaved (A B A B ...) so machine drift cancels in the ratios."""
+                       warmup: int = 3, channels_last: bool = False) -> list[list[float]]:
+    """Wall times of ``steps`` steps per model, interleaved (A B, B A, ...) so machine drift hits all alike;
+    the i-th times of two models ran back to back, so they pair up (see ``paired_speed_ratio``)."""
     runners = [StepRunner(m, img_size, batch_size, mode, device, precision, channels_last) for m in models]
     for _ in range(warmup):
         for r in runners:
@@ -109,7 +112,45 @@ def compare_throughput(models: Sequence[nn.Module], img_size: tuple[int, int] = 
         order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))  # A B, B A: no position bias
         for j in order:
             times[j].append(runners[j].step())
+    return times
+
+
+def compare_throughput(models: Sequence[nn.Module], img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
+                       mode: str = "infer", device: str = "cpu", precision: str = "32", steps: int = 10,
+                       warmup: int = 3, channels_last: bool = False) -> list[float]:
+    """Images/s of each model (median step), measured interleaved by ``compare_step_times``."""
+    times = compare_step_times(models, img_size, batch_size, mode, device, precision, steps, warmup, channels_last)
     return [batch_size / statistics.median(t) for t in times]
+
+
+@dataclass(frozen=True)
+class SpeedRatio:
+    """Speed of A over B: the median per-pair ratio and a distribution-free confidence interval for it."""
+
+    median: float
+    low: float
+    high: float
+    confidence: float  # the interval's exact coverage (below the level asked for when there are < 6 pairs)
+
+
+def paired_speed_ratio(times_a: Sequence[float], times_b: Sequence[float], level: float = 0.95) -> SpeedRatio:
+    """How much faster A runs than B (> 1: faster) from steps timed back to back: pair i gives t_b[i] / t_a[i].
+
+    The interval is the order-statistic (sign-test) interval for the median: [r_(j), r_(n+1-j)] covers the
+    true median ratio with probability 1 - 2 P(Binomial(n, 1/2) <= j - 1), for the largest j that reaches
+    ``level``. It assumes nothing about the noise's shape, which on a shared machine is anything but normal.
+    """
+    if len(times_a) != len(times_b) or not times_a:
+        raise ValueError(f"need the same number (>= 1) of paired times, got {len(times_a)} and {len(times_b)}")
+    ratios = sorted(b / a for a, b in zip(times_a, times_b))
+    n = len(ratios)
+    j, coverage = 1, 1.0 - 2.0 * 0.5**n  # j = 1: [min, max]
+    while j < (n + 1) // 2:
+        wider_tail = sum(math.comb(n, i) for i in range(j + 1)) * 0.5**n  # P(Binomial(n, 1/2) <= j)
+        if 1.0 - 2.0 * wider_tail < level:
+            break
+        j, coverage = j + 1, 1.0 - 2.0 * wider_tail
+    return SpeedRatio(statistics.median(ratios), ratios[j - 1], ratios[n - j], min(coverage, 1.0))
 
 
 # --- memory ----------------------------------------------------------------------------------------

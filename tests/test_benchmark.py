@@ -13,7 +13,7 @@ from pvt_lightning import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmark.py"
-NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ours_peak_mb", "ref_peak_mb", "ours_act_mb",
+NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb",
            "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
 
 
@@ -36,6 +36,7 @@ def test_benchmark_end_to_end(tmp_path):
         values = {k: float(row[k]) for k in NUMERIC}  # every numeric column is filled and parses
         assert values["ours_img_s"] > 0 and values["ref_img_s"] > 0 and values["ours_peak_mb"] > 0
         assert values["ratio"] == pytest.approx(values["ours_img_s"] / values["ref_img_s"], rel=1e-6)
+        assert values["ratio_lo"] == values["ratio"] == values["ratio_hi"]  # one step pair: no interval
         assert round(values["params_m"], 2) == 3.67
     train = rows[1]
     assert float(train["ours_act_mb"]) > 0
@@ -43,6 +44,19 @@ def test_benchmark_end_to_end(tmp_path):
     assert md[0].startswith("Machine: cpu")
     table = [line for line in md if line.startswith("| b0 ")]
     assert len(table) == 2 and all(line.count("|") == len(NUMERIC) + 7 for line in table)
+
+
+def test_paired_speed_ratio_interval():
+    """Sign-test interval for the median: with 10 pairs P(Binomial(10, 1/2) <= 1) = 11/1024, so the 2nd
+    and 9th smallest ratios bound it at 1 - 22/1024 coverage; with 5 pairs only [min, max] (1 - 2/32)."""
+    ten = bm.paired_speed_ratio([2.0] * 10, [2.0 * r for r in (7, 3, 9, 1, 10, 5, 2, 8, 6, 4)])
+    assert (ten.median, ten.low, ten.high) == (5.5, 2.0, 9.0)
+    assert ten.confidence == pytest.approx(1 - 22 / 1024)
+    five = bm.paired_speed_ratio([1.0] * 5, [0.5, 2.0, 1.0, 4.0, 1.5])  # B's times over A's: A is faster
+    assert (five.median, five.low, five.high) == (1.5, 0.5, 4.0)
+    assert five.confidence == pytest.approx(1 - 2 / 32)
+    with pytest.raises(ValueError, match="same number"):
+        bm.paired_speed_ratio([1.0, 2.0], [1.0])
 
 
 def test_bf16_mixed_on_cpu(tmp_path):
