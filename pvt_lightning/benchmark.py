@@ -150,7 +150,7 @@ def paired_speed_ratio(times_a: Sequence[float], times_b: Sequence[float], level
         if 1.0 - 2.0 * wider_tail < level:
             break
         j, coverage = j + 1, 1.0 - 2.0 * wider_tail
-    return SpeedRatio(statistics.median(ratios), ratios[j - 1], ratios[n - j], min(coverage, 1.0))
+    return SpeedRatio(statistics.median(ratios), ratios[j - 1], ratios[n - j], coverage)
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from pvt_lightning import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmark.py"
-NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb",
-           "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
+NUMERIC = ["params_m", "gmacs", "ours_img_s", "ref_img_s", "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb",
+           "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s", "pct_of_peak"]
 
 
 def run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
