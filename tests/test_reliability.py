@@ -157,6 +157,29 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(work
     assert (workspace / "runs" / "term_group" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
+    """A SIGTERM from another process (a scheduler's) leaves the worker serving; at interpreter exit the main
+    process terminates its still-running persistent workers and waits, which must not hang."""
+    code = (
+        "import os, subprocess, time, torch\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from pvt_lightning.data.dataset import worker_init\n"
+        "class WorkerPids(Dataset):\n"
+        "    def __len__(self): return 64\n"
+        "    def __getitem__(self, i): return os.getpid()\n"
+        "loader = DataLoader(WorkerPids(), batch_size=2, num_workers=1, persistent_workers=True,\n"
+        "                    worker_init_fn=worker_init)\n"
+        "batches = iter(loader)\n"
+        "worker = int(next(batches)[0])\n"
+        "subprocess.run(['kill', '-TERM', str(worker)], check=True)\n"
+        "time.sleep(1)\n"
+        "print('served after SIGTERM:', all(int(next(batches)[0]) == worker for _ in range(8)), flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "served after SIGTERM: True" in proc.stdout
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tmp_path):
     class Unpicklable:
         def __reduce__(self):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -125,16 +128,35 @@ class CollateDroppingBad:
 
 def worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: no OpenCV thread pools inside workers, distinct augmentation seeds, and
-    SIGTERM ignored.
-
-    Schedulers (SLURM, Kubernetes) send SIGTERM to every process of a job. A worker it killed would break
-    the step in progress before the trainer could save; ignoring it lets the main process save, then shut
-    the workers down itself (they also exit when the main process dies).
-    """
+    survival of a SIGTERM sent to the whole job (see ``outlive_job_sigterm``)."""
     import cv2
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    outlive_job_sigterm()
     cv2.setNumThreads(0)
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, ImageDataset):
         info.dataset.reseed(info.seed)
+
+
+def outlive_job_sigterm() -> None:
+    """In a worker: ignore SIGTERM unless the main process sends it.
+
+    Schedulers (SLURM) signal every process of a job. A worker killed that way breaks the step in
+    progress before the trainer can save; surviving it lets the main process save ``last.ckpt`` and then
+    shut the workers down. The main process's own SIGTERM (``Process.terminate()``, also sent at
+    interpreter exit, followed by a wait) must still end the worker, so SIGTERM is blocked in this thread
+    (and the threads it starts) and a watcher thread reads each one's sender. Where the platform cannot
+    tell senders apart (no ``sigwaitinfo``: macOS, Windows) workers keep the default behaviour.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = multiprocessing.parent_process()
+    main_pid = parent.pid if parent is not None else os.getppid()  # the DataLoader's process, also under forkserver
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+            pass
+        os._exit(0)  # asked to stop by the main process: a clean exit, which its worker-failure checks accept
+
+    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
