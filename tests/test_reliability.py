@@ -157,6 +157,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(work
     assert (workspace / "runs" / "term_group" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers cannot tell SIGTERM senders apart here")
 def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
     """A SIGTERM from another process (a scheduler's) leaves the worker serving; at interpreter exit the main
     process terminates its still-running persistent workers and waits, which must not hang."""
@@ -168,7 +169,7 @@ def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
         "    def __len__(self): return 64\n"
         "    def __getitem__(self, i): return os.getpid()\n"
         "loader = DataLoader(WorkerPids(), batch_size=2, num_workers=1, persistent_workers=True,\n"
-        "                    worker_init_fn=worker_init)\n"
+        "                    worker_init_fn=worker_init, multiprocessing_context='fork')\n"
         "batches = iter(loader)\n"
         "worker = int(next(batches)[0])\n"
         "subprocess.run(['kill', '-TERM', str(worker)], check=True)\n"
