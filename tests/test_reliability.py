@@ -143,6 +143,7 @@ def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(workspace, referen
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers cannot tell SIGTERM senders apart here")
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(workspace):
     """SLURM signals every process of the job, DataLoader workers included, not just the trainer."""
     args = [*QUICK, "--epochs", str(EPOCHS), "--name", "term_group", "--checkpoint-every-minutes", "0"]
