@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import create_model, measure_complexity
-from .benchmark import compare_throughput, measure_peak_memory_here
+from .benchmark import compare_step_times, measure_peak_memory_here, paired_speed_ratio
 
 Size = tuple[int, int]
 SIZES: tuple[Size, ...] = ((224, 224), (384, 224), (448, 448), (512, 512), (640, 640), (768, 768), (1024, 1024))
@@ -92,11 +93,15 @@ def throughput(variant: str, sizes: Sequence[Size], batch_size: int, modes: Sequ
     for size in sizes:
         for mode in modes:
             start = time.perf_counter()
-            off, on = compare_throughput(pair, tuple(size), batch_size, mode, device, precision, steps, warmup)
+            off_times, on_times = compare_step_times(pair, tuple(size), batch_size, mode, device, precision, steps,
+                                                     warmup)
+            off, on = batch_size / statistics.median(off_times), batch_size / statistics.median(on_times)
             results[(size_label(size), False, mode)], results[(size_label(size), True, mode)] = off, on
             if verbose:
+                ratio = paired_speed_ratio(on_times, off_times)
                 print(f"{size_label(size):>9} {mode:5}: off {off:8.2f} img/s, on {on:8.2f} img/s "
-                      f"(on/off {on / off:.2f}; {time.perf_counter() - start:.0f} s)", flush=True)
+                      f"(on/off {ratio.median:.2f} [{ratio.low:.2f}, {ratio.high:.2f}] over {steps} step pairs; "
+                      f"{time.perf_counter() - start:.0f} s)", flush=True)
             gc.collect()
     return results
 

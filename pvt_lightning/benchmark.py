@@ -346,8 +346,8 @@ def achieved_flops(gmacs_per_image: float, images_per_s: float, mode: str) -> fl
 
 
 __all__ = [
-    "MODES", "PRECISIONS", "PeakMemory", "StepRunner", "achieved_flops", "autocast_context", "build_model",
-    "compare_throughput", "matmul_peak_flops", "measure_peak_memories", "measure_peak_memory",
-    "measure_peak_memory_here",
-    "measure_throughput", "reference_with_same_weights",
+    "MODES", "PRECISIONS", "PeakMemory", "SpeedRatio", "StepRunner", "achieved_flops", "autocast_context",
+    "build_model", "compare_step_times", "compare_throughput", "matmul_peak_flops", "measure_peak_memories",
+    "measure_peak_memory", "measure_peak_memory_here", "measure_throughput", "paired_speed_ratio",
+    "reference_with_same_weights",
 ]
