@@ -29,6 +29,10 @@ STEPS_PER_EPOCH, EPOCHS = 3, 2
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+needs_sigterm_senders = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"),
+                                           reason="loader workers cannot tell SIGTERM senders apart here")
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV)
 
@@ -143,7 +147,7 @@ def test_sigterm_saves_last_checkpoint_and_says_how_to_resume(workspace, referen
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers cannot tell SIGTERM senders apart here")
+@needs_sigterm_senders
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(workspace):
     """SLURM signals every process of the job, DataLoader workers included, not just the trainer."""
     args = [*QUICK, "--epochs", str(EPOCHS), "--name", "term_group", "--checkpoint-every-minutes", "0"]
@@ -158,7 +162,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(work
     assert (workspace / "runs" / "term_group" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="workers cannot tell SIGTERM senders apart here")
+@needs_sigterm_senders
 def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
     """A SIGTERM from another process (a scheduler's) leaves the worker serving; at interpreter exit the main
     process terminates its still-running persistent workers and waits, which must not hang."""
