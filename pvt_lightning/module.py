@@ -129,6 +129,8 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
+        if batch is None:  # every image of the batch was unreadable and skipped (the data module's bad_images)
+            return None
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
@@ -149,6 +151,8 @@ class ImageClassifier(L.LightningModule):
         return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx):
+        if batch is None:  # every image of the batch was unreadable
+            return None
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(dim=-1)
 
