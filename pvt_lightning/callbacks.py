@@ -130,7 +130,7 @@ class ClassificationReport(L.Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or outputs is None:  # None: a batch of unreadable images only, skipped
             return
         logits, target = outputs["logits"], outputs["target"]
         probs = logits.float().softmax(dim=-1)
