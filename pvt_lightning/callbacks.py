@@ -31,7 +31,8 @@ from torchmetrics.classification import (
 MB = 2**20
 
 CUDA_MEMORY_TAGS = ("memory/peak_allocated_mb", "memory/peak_reserved_mb")
-CPU_MEMORY_TAGS = ("memory/peak_rss_mb",)
+CPU_MEMORY_TAGS = ("memory/peak_pss_mb",)
+"""Proportional set size: pages shared by the trainer and its loader workers count once in total."""
 TIME_TAG = "time/epoch_s"
 THROUGHPUT_TAG = "throughput/train_img_s"
 
@@ -236,21 +237,37 @@ class CudaPeakMemory:
         return [torch.cuda.max_memory_allocated(self.device) / MB, torch.cuda.max_memory_reserved(self.device) / MB]
 
 
-def process_tree_rss(process: psutil.Process, skip_pids: frozenset[int] = frozenset()) -> int:
-    """Resident bytes of ``process`` and its descendants, leaving out ``skip_pids`` and their subtrees.
+def proportional_set_size(pid: int) -> int:
+    """Bytes of ``pid``'s memory, each page shared with N processes counted 1/N (Linux smaps_rollup).
 
-    Shared pages (copy-on-write after fork) count once per process, so this overestimates slightly.
+    Falls back to the resident size where ``/proc`` has no smaps_rollup (macOS, Windows, old kernels).
     """
     try:
-        total = process.memory_info().rss
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process(pid).memory_info().rss
+
+
+def process_tree_pss(process: psutil.Process, skip_pids: frozenset[int] = frozenset()) -> int:
+    """Proportional set size of ``process`` and its descendants, leaving out ``skip_pids`` and their subtrees.
+
+    Unlike summed RSS, the libraries and copy-on-write pages the data-loader workers share with the
+    trainer count once, so the figure is what the run really adds to the machine's memory.
+    """
+    try:
+        total = proportional_set_size(process.pid)
         children = process.children()
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, ProcessLookupError):
         return 0
-    return total + sum(process_tree_rss(child, skip_pids) for child in children if child.pid not in skip_pids)
+    return total + sum(process_tree_pss(child, skip_pids) for child in children if child.pid not in skip_pids)
 
 
-class ProcessTreePeakRss:
-    """Peak RSS of this process plus its data-loader workers, sampled by a daemon thread, in MB.
+class ProcessTreePeakPss:
+    """Peak proportional set size of this process plus its data-loader workers, sampled by a thread, in MB.
 
     ``skip_pids`` are the other DDP ranks: Lightning starts them as children of rank 0, and each
     rank reports its own tree.
@@ -267,7 +284,7 @@ class ProcessTreePeakRss:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        self._peak = max(self._peak, process_tree_rss(self._process, self.skip_pids))
+        self._peak = max(self._peak, process_tree_pss(self._process, self.skip_pids))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -277,7 +294,7 @@ class ProcessTreePeakRss:
         self._peak = 0
         self._sample()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="peak-rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="peak-memory-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> list[float]:
@@ -298,9 +315,9 @@ class MemoryMonitor(L.Callback):
     """Peak memory per epoch (training and its validation), worst rank under DDP.
 
     On CUDA: ``memory/peak_allocated_mb`` and ``memory/peak_reserved_mb`` (peaks reset at epoch
-    start). On CPU: ``memory/peak_rss_mb`` of the process and its data-loader workers.
+    start). On CPU: ``memory/peak_pss_mb``, the proportional set size of the process and its data-loader workers.
     ``peaks_mb`` holds one value per epoch (reserved on CUDA, which is what ``nvidia-smi`` shows
-    as used; RSS on CPU), ``memory_device`` is ``"cuda"`` or ``"cpu"`` and ``history`` every tag.
+    as used; PSS on CPU), ``memory_device`` is ``"cuda"`` or ``"cpu"`` and ``history`` every tag.
     """
 
     def __init__(self, interval_s: float = 0.1):
@@ -308,7 +325,7 @@ class MemoryMonitor(L.Callback):
         self.peaks_mb: list[float] = []
         self.history: list[dict[str, float]] = []
         self.memory_device: str | None = None
-        self.probe: CudaPeakMemory | ProcessTreePeakRss | None = None
+        self.probe: CudaPeakMemory | ProcessTreePeakPss | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
@@ -317,7 +334,7 @@ class MemoryMonitor(L.Callback):
         else:
             pids = trainer.strategy.all_gather(torch.tensor([os.getpid()], device=device)).flatten().tolist()
             skip = frozenset(pid for pid in pids if pid != os.getpid())
-            self.memory_device, self.probe = "cpu", ProcessTreePeakRss(self.interval_s, skip)
+            self.memory_device, self.probe = "cpu", ProcessTreePeakPss(self.interval_s, skip)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.probe.start()
@@ -331,7 +348,7 @@ class MemoryMonitor(L.Callback):
         log_epoch_scalars(trainer, peaks)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(self.probe, ProcessTreePeakRss):
+        if isinstance(self.probe, ProcessTreePeakPss):
             self.probe.stop()  # an interrupted epoch may have left the sampler running
 
 
@@ -410,7 +427,7 @@ def format_epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, 
             (("P", "val/precision"), ("R", "val/recall"), ("F1", "val/f1")) if tag in metrics]))
     if epoch_s is not None:
         parts.append(f"{epoch_s:.1f} s, {img_s:.1f} img/s")
-    labels = {"memory/peak_rss_mb": "peak RSS", "memory/peak_allocated_mb": "peak alloc",
+    labels = {"memory/peak_pss_mb": "peak PSS", "memory/peak_allocated_mb": "peak alloc",
               "memory/peak_reserved_mb": "reserved"}
     if memory:
         parts.append(", ".join(f"{labels.get(tag, tag)} {value:.0f} MB" for tag, value in memory.items()))
@@ -456,3 +473,25 @@ def default_callbacks(class_names: Sequence[str], positive_class: str | None = N
         HParamsSummary(positive_class, threshold),
         EpochLine(timer, memory),
     ]
+
+
+def run_figures(trainer: L.Trainer) -> dict[str, Any]:
+    """summary.json's timing and memory fields: mean epoch time and throughput, peak memory and what it measures."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    memory = next((c for c in trainer.callbacks if isinstance(c, MemoryMonitor)), None)
+
+    def mean(values):
+        return round(sum(values) / len(values), 3) if values else None
+
+    peak = round(max(memory.peaks_mb), 1) if memory and memory.peaks_mb else None
+    measure = {"cuda": "cuda_peak_reserved", "cpu": "cpu_process_tree_pss"}.get(memory.memory_device if memory else None)
+    figures = {
+        "epoch_time_s": mean(timer.epoch_times_s) if timer else None,
+        "throughput_img_s": mean(timer.throughputs_img_s) if timer else None,
+        "peak_memory_mb": peak,
+        "memory_device": memory.memory_device if memory else None,
+        "memory_measure": measure,
+    }
+    if measure == "cpu_process_tree_pss":
+        figures["peak_pss_mb"] = peak
+    return figures

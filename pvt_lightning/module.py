@@ -91,6 +91,14 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader, with weights_only=True and without re-reading the ``pretrained`` file the run
+        started from: the checkpoint holds every weight, and that file may have moved since."""
+        kwargs.setdefault("pretrained", None)
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+
     @staticmethod
     def _build_mix(num_classes: int, mixup: float, cutmix: float) -> nn.Module | None:
         """Batch-level MixUp and/or CutMix (one of them per batch), producing soft targets."""

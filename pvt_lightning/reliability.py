@@ -123,7 +123,7 @@ def sigterm_message(trainer: L.Trainer) -> str:
     if saver is None or saver.saved_path is None:
         return f"received SIGTERM at {where} before training started; nothing to save. Rerun the same command."
     return (f"received SIGTERM at {where}: saved {saver.saved_path}. To continue, run the same command with "
-            f"--resume last (same --logdir and --name); the run continues in a new version folder.")
+            f"--resume last (same --logdir and --name); the run continues in the same version folder.")
 
 
 def non_finite_message(err: NonFiniteLossError, trainer: L.Trainer, args: argparse.Namespace) -> str:

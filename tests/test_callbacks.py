@@ -35,7 +35,7 @@ from pvt_lightning.callbacks import (
     MemoryMonitor,
     default_callbacks,
     format_epoch_line,
-    process_tree_rss,
+    process_tree_pss,
     worst_rank,
 )
 
@@ -46,7 +46,7 @@ BATCH_SIZE = 4
 TRAIN_BATCHES = 2
 EPOCHS = 2
 POSITIVE, THRESHOLD = "red", 0.4
-EPOCH_TAGS = ("time/epoch_s", "throughput/train_img_s", "memory/peak_rss_mb",
+EPOCH_TAGS = ("time/epoch_s", "throughput/train_img_s", "memory/peak_pss_mb",
               *(f"val/{m}/{c}" for m in ("precision", "recall") for c in CLASSES))
 MODULE_EPOCH_TAGS = ("train/loss", "train/lr", "val/loss", "val/acc", "val/acc5", "val/precision", "val/recall",
                      "val/f1")
@@ -176,7 +176,7 @@ def test_cuda_peak_memory_sees_an_allocation_and_resets():
     assert probe.stop()[0] < 256
 
 
-def test_process_tree_rss_counts_children_and_skips_other_ranks():
+def test_process_tree_pss_counts_children_and_skips_other_ranks():
     """A child holding 200 MB is counted (as data-loader workers are) unless its pid is skipped (another rank)."""
     import psutil
 
@@ -189,8 +189,8 @@ def test_process_tree_rss_counts_children_and_skips_other_ranks():
     try:
         assert child.stdout.readline().strip() == "ready"
         me = psutil.Process()
-        with_child = process_tree_rss(me)
-        without_child = process_tree_rss(me, frozenset({child.pid}))
+        with_child = process_tree_pss(me)
+        without_child = process_tree_pss(me, frozenset({child.pid}))
         assert with_child - without_child > 150 * 2**20
         assert without_child >= me.memory_info().rss * 0.9
     finally:
@@ -200,7 +200,7 @@ def test_process_tree_rss_counts_children_and_skips_other_ranks():
 
 def test_epoch_line_reads_like_the_issue():
     metrics = {"train/loss": 0.8123, "val/acc": 0.912, "val/precision": 0.905, "val/recall": 0.899, "val/f1": 0.901}
-    line = format_epoch_line(2, 10, metrics, 41.24, 38.71, {"memory/peak_rss_mb": 1830.4})
+    line = format_epoch_line(2, 10, metrics, 41.24, 38.71, {"memory/peak_pss_mb": 1830.4})
     assert line == ("epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s"
                     " | peak RSS 1830 MB")
 
@@ -237,7 +237,7 @@ def test_every_epoch_tag_has_one_value_per_epoch(trained_runs, name):
     for tag in MODULE_EPOCH_TAGS:
         assert len(acc.Scalars(tag)) == EPOCHS, tag
     assert not any(tag.startswith("memory/peak_allocated") for tag in tags)  # CPU run: RSS, not CUDA tags
-    assert all(event.value > 0 for event in acc.Scalars("memory/peak_rss_mb"))
+    assert all(event.value > 0 for event in acc.Scalars("memory/peak_pss_mb"))
     assert acc.Tags()["images"] == ["val/confusion_matrix"]
     assert len(acc.Images("val/confusion_matrix")) == EPOCHS
     pr_curves = [tag for tag in acc.Tags()["tensors"] if tag.startswith("val/pr_curve/")]
@@ -276,7 +276,7 @@ def test_hparams_tab_lists_the_run_and_its_final_metrics(trained_runs, name, lin
     assert values["lr"] == pytest.approx(1e-3)
     assert values["precision"] == "32-true"
     assert "class_names" not in values
-    assert {"val/acc", "val/precision", "val/recall", "time/epoch_s", "memory/peak_rss_mb"} <= set(metric_tags)
+    assert {"val/acc", "val/precision", "val/recall", "time/epoch_s", "memory/peak_pss_mb"} <= set(metric_tags)
     if name == "b0_32x32":
         assert values["positive_class"] == POSITIVE
         assert "val/positive/recall/red" in metric_tags
@@ -338,7 +338,7 @@ def test_callback_attributes_for_the_summary(trained_runs):
     memory = next(c for c in callbacks if isinstance(c, MemoryMonitor))
     assert memory.memory_device == "cpu"
     assert len(memory.peaks_mb) == EPOCHS and all(peak > 50 for peak in memory.peaks_mb)
-    assert memory.peaks_mb == pytest.approx([e.value for e in events(run_dir).Scalars("memory/peak_rss_mb")])
+    assert memory.peaks_mb == pytest.approx([e.value for e in events(run_dir).Scalars("memory/peak_pss_mb")])
 
 
 def test_one_epoch_line_per_epoch(trained_runs):

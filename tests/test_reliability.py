@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pvt_lightning import cli
+from pvt_lightning.rundir import RUN_VERSION_ENV
 from pvt_lightning.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from pvt_lightning.reliability import EXIT_SIGTERM, EXIT_TRAINING_FAULT, RunStopped, explain_stops
 
@@ -99,17 +100,25 @@ def reference(workspace) -> dict:
 
 def resume_and_compare(workspace: Path, name: str, reference: dict) -> None:
     """Resume ``name`` with --resume last; it must end where the uninterrupted run ended."""
-    interrupted = workspace / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
-    before = interrupted.read_bytes()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     proc = run_cli(*QUICK, "--epochs", str(EPOCHS), "--name", name, "--resume", "last", cwd=workspace)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = summary(workspace, name, 1)  # a new version folder; the interrupted one is left alone
+    run_dir = workspace / "runs" / name / "version_0"
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"], "resume continues the same folder"
+    resumed = summary(workspace, name, 0)
     assert resumed["global_step"] == reference["global_step"]
     assert resumed["epochs"] == reference["epochs"]
     final = load(Path(resumed["checkpoints"]["last"]))
     assert optimizer_steps(final) == reference["optimizer_steps"]
     assert final["lr_schedulers"][0]["last_epoch"] == reference["scheduler_steps"]
-    assert interrupted.read_bytes() == before
+    epochs_logged = []
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "val/acc" in accumulator.Tags()["scalars"]:
+            epochs_logged += [event.step for event in accumulator.Scalars("val/acc")]
+    assert sorted(epochs_logged) == list(range(EPOCHS)), "one val/acc point per epoch across both event files"
 
 
 # --- interrupted runs -----------------------------------------------------------------------------------
@@ -249,7 +258,7 @@ def test_out_of_memory_suggests_smaller_batch_checkpointing_and_bf16(workspace, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", out_of_memory)
-    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     status = cli.main([*QUICK, "--epochs", "1", "--batch-size", "6", "--name", "oom"])
     message = capsys.readouterr().err
@@ -277,7 +286,7 @@ def test_internal_errors_keep_their_traceback(workspace, monkeypatch):
         raise ZeroDivisionError("a bug in our code")
 
     monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", bug)
-    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     with pytest.raises(ZeroDivisionError, match="a bug in our code"):
         cli.main([*QUICK, "--epochs", "1", "--name", "bug"])
@@ -334,7 +343,7 @@ def trap_command(workspace: Path, flag: str, how: str) -> tuple[list[str], Path]
 @pytest.mark.parametrize("flag", TRAP_FLAGS)
 def test_booby_trapped_pickle_is_refused_by_every_flag(workspace, flag, monkeypatch, capsys):
     args, marker = trap_command(workspace, flag, "main")
-    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     assert cli.main(args) == 2
     assert "refused to load" in capsys.readouterr().err
@@ -357,7 +366,7 @@ def test_truncated_resume_checkpoint_is_a_clear_error(workspace, monkeypatch, ca
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, good)
     broken = workspace / "truncated.ckpt"
     broken.write_bytes(good.read_bytes()[:600])
-    monkeypatch.setenv(cli.RUN_VERSION_ENV, "0")
+    monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     assert cli.main([*QUICK, "--resume", str(broken), "--name", "truncated"]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Building a run's parts from a RunConfig: data module, callbacks, logger and Trainer.
+
+Shared by the training and inference entry points, so a flag means the same thing in both.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .config import RunConfig, UsageError, parse_devices
+from .rundir import RunPaths
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def make_datamodule(config: RunConfig, data_dir: Path, augment: str | None = None, **overrides: Any):
+    from .data import ImageFolderDataModule
+
+    return ImageFolderDataModule(
+        data_dir, img_size=tuple(config.img_size), batch_size=config.batch_size, num_workers=config.num_workers,
+        val_split=config.val_split, seed=config.seed, augment=augment or config.augment or "basic",
+        crop_pct=config.crop_pct, bad_images=config.bad_images, verify_images=config.verify_images, **overrides,
+    )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16-mixed on a GPU that supports it, else 32."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32"
+
+
+def checkpoint_filename(monitor: str) -> str:
+    """``best-epoch007-acc0.9312`` for val/acc; other metrics by their last path part, e.g. ``-recall_cat0.8``."""
+    short = re.sub(r"[^A-Za-z0-9_.-]+", "_", monitor.removeprefix("val/"))
+    return f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
+
+
+def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -> tuple[list[L.Callback], Any]:
+    """The run's callbacks and its ModelCheckpoint (best by --monitor, plus last.ckpt)."""
+    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+
+    from .callbacks import default_callbacks
+    from .reliability import LastCheckpointSaver, StopOnNonFiniteLoss
+
+    checkpoint = ModelCheckpoint(
+        dirpath=paths.checkpoints, filename=checkpoint_filename(config.monitor), auto_insert_metric_name=False,
+        monitor=config.monitor, mode=config.monitor_mode, save_last=True, save_top_k=1,
+    )
+    callbacks = [checkpoint, StopOnNonFiniteLoss(),
+                 LastCheckpointSaver(checkpoint, config.checkpoint_every_steps, config.checkpoint_every_minutes),
+                 *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold)]
+    if config.early_stopping:
+        callbacks.append(EarlyStopping(config.monitor, patience=config.early_stopping, mode=config.monitor_mode))
+    if config.ema:
+        callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
+    return callbacks, checkpoint
+
+
+def make_logger(config: RunConfig, paths: RunPaths):
+    """TensorBoard (default) or CSV, writing into the run's version folder."""
+    where = {"save_dir": str(paths.run_dir.parent.parent), "name": paths.name, "version": paths.version}
+    if config.logger == "csv":
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        return RunCsvLogger(**where)
+    return TensorBoardLogger(**where, default_hp_metric=False)
+
+
+class RunCsvLogger(CSVLogger):
+    """Lightning's CSVLogger (``metrics.csv``), minus its hparams.yaml, which would replace the resolved configuration."""
+
+    def log_hyperparams(self, params: Any = None, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: hparams.yaml holds the configuration, every checkpoint the module's hyper-parameters."""
+
+
+def make_trainer(config: RunConfig, paths: RunPaths, callbacks: list[L.Callback]) -> L.Trainer:
+    """The Trainer for a fit; a device or strategy Lightning cannot provide is a usage error, not a traceback."""
+    from .checkpointing import AtomicCheckpointIO
+
+    return checked_trainer(
+        config,
+        max_epochs=config.epochs, max_steps=config.max_steps, max_time=config.max_time,
+        accelerator=config.accelerator, devices=parse_devices(config.devices), num_nodes=config.num_nodes,
+        strategy=config.strategy, precision=resolve_precision(config.precision, config.accelerator),
+        logger=make_logger(config, paths), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(paths.run_dir), gradient_clip_val=config.grad_clip or None,
+        accumulate_grad_batches=config.accumulate_grad_batches, deterministic=config.deterministic,
+        fast_dev_run=config.fast_dev_run or False, val_check_interval=config.val_check_interval,
+        limit_train_batches=config.limit_train_batches, limit_val_batches=config.limit_val_batches,
+        log_every_n_steps=config.log_every_n_steps, benchmark=None,
+    )
+
+
+def checked_trainer(config: RunConfig, **kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; a device, strategy or precision Lightning cannot provide is a usage error."""
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
+        raise UsageError(f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
+                         f"{config.strategy} --precision {config.precision}: {err}") from None

@@ -1,0 +1,237 @@
+"""Run folders and every file the tool writes: versions claimed atomically, files written atomically.
+
+A run lives in ``<logdir>/<name>/version_N/``. ``claim_version`` creates the next free version
+folder with ``mkdir`` (atomic), so two runs started together under one name get two folders.
+``write_file`` is the one writer for outputs the user asked for (reports, CSVs, exports): it
+refuses to replace an existing file unless told to, creates parent folders, and renames a
+complete temporary file into place, so a reader or a crash never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from .config import RunConfig, UsageError
+
+VERSION = re.compile(r"version_(\d+)")
+RUN_VERSION_ENV = "PVT_LIGHTNING_RUN_VERSION"
+"""Set by the launching process before DDP workers start, so every rank writes to the same version folder."""
+
+
+class OutputExistsError(UsageError):
+    """An output file exists and overwriting was not asked for."""
+
+
+def check_output(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
+    """Fail now, before any work, if ``path`` cannot be written: it exists (without overwrite) or is a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{flag} {path} already exists; choose a new path or pass --overwrite to replace it "
+                                "(pvt-lightning never replaces your files unasked)")
+    parent = _existing_ancestor(path.parent)
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot create files under {parent} (no write permission)")
+    return path
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", overwrite: bool = False, **open_kwargs) -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` in one rename, else it vanishes."""
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if not overwrite and path.exists():  # appeared while we wrote: keep theirs
+            raise OutputExistsError(f"{path} was created by someone else while pvt-lightning wrote it; "
+                                    f"nothing was replaced")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_file(path: str | Path, content: str | bytes, overwrite: bool = False) -> Path:
+    """Write ``content`` to ``path`` atomically, refusing to replace an existing file unless ``overwrite``."""
+    mode = "wb" if isinstance(content, bytes) else "w"
+    kwargs = {} if isinstance(content, bytes) else {"encoding": "utf-8", "errors": "surrogateescape"}
+    with atomic_open(path, mode, overwrite, **kwargs) as f:
+        f.write(content)
+    return Path(path).expanduser()
+
+
+def write_with(path: str | Path, writer: Callable[[IO], None], overwrite: bool = False, binary: bool = True) -> Path:
+    """Atomic write through ``writer(file)`` (e.g. ``torch.save``, ``fig.savefig``)."""
+    with atomic_open(path, "wb" if binary else "w", overwrite) as f:
+        writer(f)
+    return Path(path).expanduser()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --- versions -----------------------------------------------------------------------------------------------
+
+def versions(run_root: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in run_root.glob("version_*") if (m := VERSION.fullmatch(p.name)))
+
+
+def claim_version(run_root: Path) -> Path:
+    """Create and return the next free ``version_N`` folder; ``mkdir`` fails if another run took N, so retry."""
+    run_root.mkdir(parents=True, exist_ok=True)
+    number = max(versions(run_root), default=-1) + 1
+    while True:
+        folder = run_root / f"version_{number}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def shared_version_dir(run_root: Path) -> Path:
+    """The version folder of this run: claimed by the launching process, inherited by DDP worker processes."""
+    inherited = os.environ.get(RUN_VERSION_ENV)
+    if inherited is not None:
+        return run_root / f"version_{inherited}"
+    folder = claim_version(run_root)
+    os.environ[RUN_VERSION_ENV] = VERSION.fullmatch(folder.name).group(1)
+    return folder
+
+
+def release_version_env() -> None:
+    """After the run: a later run in this process (a notebook, a test) claims its own version."""
+    os.environ.pop(RUN_VERSION_ENV, None)
+
+
+def find_last_checkpoint(run_root: Path) -> Path:
+    """Newest ``last.ckpt`` among a run's versions (``--resume last``)."""
+    candidates = sorted(run_root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UsageError(f"--resume last: no last.ckpt under {run_root}/version_*/checkpoints; check --logdir and "
+                         "--name")
+    return candidates[-1]
+
+
+def version_dir_of(checkpoint: Path) -> Path | None:
+    """``.../<name>/version_N`` for a checkpoint inside a run folder's ``checkpoints/``, else None."""
+    folder = checkpoint.resolve().parent
+    if folder.name == "checkpoints" and VERSION.fullmatch(folder.parent.name):
+        return folder.parent
+    return None
+
+
+def remove_if_empty_run(folder: Path) -> None:
+    """Remove a claimed version folder that holds nothing but what we wrote before the run failed to start."""
+    leftovers = [p for p in folder.rglob("*") if p.is_file() and p.name != "hparams.yaml"]
+    if not leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- one run's folder ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes: ``run_dir`` = ``<logdir>/<name>/version_N``; ``resume_from`` a checkpoint or None."""
+
+    run_dir: Path
+    resume_from: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.parent.name
+
+    @property
+    def version(self) -> int:
+        return int(VERSION.fullmatch(self.run_dir.name).group(1))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def default_run_name(config: RunConfig) -> str:
+    """e.g. b2_li_384x224, b2_li_224x224 (b2 with linear SRA forced on), b2_noli_..., resnet50_384x224."""
+    from .models.registry import PVT_V2_CONFIGS, is_pvt_v2
+
+    name = config.variant
+    if is_pvt_v2(config.variant) and config.linear_sra is not None:
+        if config.linear_sra and not PVT_V2_CONFIGS[config.variant].linear_sra:
+            name += "_li"
+        elif not config.linear_sra and PVT_V2_CONFIGS[config.variant].linear_sra:
+            name = name.removesuffix("_li") + "_noli"
+    return f"{name}_{config.img_size[0]}x{config.img_size[1]}"
+
+
+def open_run(config: RunConfig) -> RunPaths:
+    """The run's version folder: the one a resumed checkpoint lives in, else a newly claimed one."""
+    run_root = Path(config.logdir).expanduser() / (config.name or default_run_name(config))
+    if config.resume is None:
+        return RunPaths(shared_version_dir(run_root))
+    resume_from = find_last_checkpoint(run_root) if config.resume == "last" else Path(config.resume).expanduser()
+    folder = version_dir_of(resume_from)
+    if folder is None:  # a checkpoint from elsewhere: continue it in a new folder of this run
+        return RunPaths(shared_version_dir(run_root), resume_from)
+    os.environ[RUN_VERSION_ENV] = VERSION.fullmatch(folder.name).group(1)
+    return RunPaths(folder, resume_from)
+
+
+def write_hparams(paths: RunPaths, config: RunConfig) -> None:
+    """``hparams.yaml``: the fully resolved configuration; ``--config hparams.yaml`` reruns it."""
+    from .config import to_yaml
+
+    write_file(paths.run_dir / "hparams.yaml", to_yaml(config), overwrite=paths.resume_from is not None)
+
+
+def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
+    write_file(paths.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", overwrite=True)
+
+
+def build_summary(trainer, module, datamodule, checkpoint, complexity, config: RunConfig, recipe) -> dict[str, Any]:
+    """summary.json: the run's final figures (field names are a contract other tools read)."""
+    from .callbacks import run_figures
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k in ("val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "val/loss")}
+    best_path = checkpoint.best_model_path or None
+    best_epoch = int(m.group(1)) if best_path and (m := re.search(r"best-epoch(\d+)", best_path)) else None
+    best_score = None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)
+    best = {"epoch": best_epoch, "metric": config.monitor, "mode": config.monitor_mode, "value": best_score}
+    if config.monitor == "val/acc":
+        best["val/acc"] = best_score
+    return {
+        "variant": config.variant, "linear_sra": module.linear_sra_enabled, "img_size": list(config.img_size),
+        "num_classes": datamodule.num_classes, "class_names": list(datamodule.class_names),
+        "params_m": round(complexity.params_m, 3), "gmacs": round(complexity.gmacs, 3),
+        "attention_gmacs": round(complexity.attention_gmacs, 3),
+        "epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics, "best": best,
+        **run_figures(trainer),
+        "bad_images": len(datamodule.bad_image_paths()),
+        "checkpoints": {"best": best_path, "last": checkpoint.last_model_path or None},
+        "precision": str(trainer.precision), "batch_size": config.batch_size, "world_size": trainer.world_size,
+        "accumulate_grad_batches": config.accumulate_grad_batches, "lr": config.lr,
+        "recipe": recipe.name, "positive_class": config.positive_class,
+    }

@@ -1,0 +1,168 @@
+"""Training entry point: a resolved RunConfig -> data, model, callbacks, Trainer -> fit -> summary.json.
+
+Order matters: the data is scanned first (the recipe depends on its size, and every data error
+should come before any model is built), the Trainer before the module (the learning rate is
+scaled from the Trainer's real world size), the version folder last (a run that cannot start
+leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import lightning as L
+
+from .config import RunConfig, UsageError, default_num_workers
+from .recipes import Recipe, choose_recipe
+from .assembly import make_callbacks, make_datamodule, make_trainer, resolve_precision, say
+from .rundir import RunPaths, build_summary, open_run, release_version_env, remove_if_empty_run, write_hparams, \
+    write_summary
+
+Trainer = L.Trainer
+
+
+def train(config: RunConfig) -> int:
+    """Fit a classifier as ``config`` says; returns the exit status (0)."""
+    data_dir, demo = data_source(config)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    config = resolve_data_defaults(config, data_dir, demo)
+    datamodule = make_datamodule(config, data_dir, augment=config.augment or "basic")
+    datamodule.setup("fit")  # every data error now, before any model is built
+    config, recipe = resolve_recipe(config, datamodule.split_sizes()["train"], demo)
+    datamodule.augment = config.augment  # the recipe's choice; loaders are built later, at fit
+    check_class_options(config, datamodule.class_names)
+
+    paths = open_run(config)
+    try:
+        callbacks, checkpoint = make_callbacks(config, paths, datamodule.class_names)
+        trainer = make_trainer(config, paths, callbacks)
+        config = dataclasses.replace(config, lr=config.lr or scaled_lr(config, trainer))
+        module = make_module(config, datamodule)
+    except BaseException:
+        remove_if_empty_run(paths.run_dir)
+        raise
+    complexity = module.complexity()
+    if config.compile:
+        module.model.compile()
+    if trainer.is_global_zero:
+        write_hparams(paths, config)
+        say(banner(config, recipe, module, complexity, datamodule, trainer, paths))
+
+    started = time.perf_counter()
+    try:
+        fit(trainer, module, datamodule, config, paths)
+    finally:
+        release_version_env()
+    if not trainer.is_global_zero:
+        return 0
+    summary = build_summary(trainer, module, datamodule, checkpoint, complexity, config, recipe)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    write_summary(paths, summary)
+    say(final_line(paths, summary))
+    return 0
+
+
+def fit(trainer: Trainer, module, datamodule, config: RunConfig, paths: RunPaths) -> None:
+    from .reliability import explain_stops
+
+    with explain_stops(trainer, config):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(paths.resume_from) if paths.resume_from else None)
+
+
+def data_source(config: RunConfig) -> tuple[Path, bool]:
+    """``--data``, or the built-in demo dataset (generated once) when it is omitted."""
+    if config.data is not None:
+        return Path(config.data).expanduser(), False
+    from .data.demo import ensure_demo_dataset
+
+    data_dir = ensure_demo_dataset()
+    say(f"No --data given: training on the built-in demo dataset at {data_dir}.\n"
+        "  To train on your own images: --data /path/to/root with train/ and val/ class folders "
+        "(or one class-folder root plus --val-split 0.1).")
+    return data_dir, True
+
+
+def resolve_data_defaults(config: RunConfig, data_dir: Path, demo: bool) -> RunConfig:
+    """Absolute --data, input size (the demo's own, else 224x224), loader workers and precision, where unset."""
+    from .data.demo import DEMO_IMG_SIZE
+
+    img_size = config.img_size or list(DEMO_IMG_SIZE if demo else (224, 224))
+    workers = config.num_workers if config.num_workers is not None else default_num_workers()
+    return dataclasses.replace(config, data=None if demo else str(data_dir.resolve()),
+                               img_size=[int(s) for s in img_size], num_workers=workers,
+                               precision=resolve_precision(config.precision, config.accelerator))
+
+
+def resolve_recipe(config: RunConfig, num_train_images: int, demo: bool) -> tuple[RunConfig, Recipe]:
+    """Fill every recipe field the user left unset from the recipe (then the variant's own defaults)."""
+    from .models.registry import DEFAULT_DROP_PATH, DEFAULT_GRAD_CLIP
+
+    try:
+        recipe = choose_recipe(config.recipe, pretrained=config.pretrained is not None,
+                               num_train_images=num_train_images, demo=demo)
+    except ValueError as err:
+        raise UsageError(f"--recipe: {err}") from None
+    variant_defaults = {"drop_path": DEFAULT_DROP_PATH[config.variant],
+                        "grad_clip": DEFAULT_GRAD_CLIP.get(config.variant, 0.0)}
+    return dataclasses.replace(config, **recipe.resolve(vars(config), variant_defaults)), recipe
+
+
+def check_class_options(config: RunConfig, class_names: list[str]) -> None:
+    """--positive-class and a per-class --monitor must name a class of the data."""
+    if config.positive_class is not None and config.positive_class not in class_names:
+        raise UsageError(f"--positive-class {config.positive_class!r} is not a class of the data; choose one of: "
+                         f"{', '.join(class_names)}")
+    parts = config.monitor.split("/", 2)
+    if len(parts) == 3 and parts[2] not in class_names:
+        raise UsageError(f"--monitor {config.monitor}: {parts[2]!r} is not a class of the data; classes: "
+                         f"{', '.join(class_names)}")
+
+
+def scaled_lr(config: RunConfig, trainer: Trainer) -> float:
+    """``base_lr`` x total batch / 512, the total batch counted over every device, node and accumulation step."""
+    return config.base_lr * total_batch(config, trainer) / 512
+
+
+def total_batch(config: RunConfig, trainer: Trainer) -> int:
+    return config.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def make_module(config: RunConfig, datamodule):
+    from .module import ImageClassifier
+
+    return ImageClassifier(
+        config.variant, num_classes=datamodule.num_classes, class_names=datamodule.class_names,
+        img_size=config.img_size, lr=config.lr, weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs, drop_path=config.drop_path, label_smoothing=config.label_smoothing,
+        mixup=config.mixup, cutmix=config.cutmix, linear_sra=config.linear_sra, pretrained=config.pretrained,
+        grad_checkpointing=config.grad_checkpointing,
+    )
+
+
+def banner(config: RunConfig, recipe: Recipe, module, complexity, datamodule, trainer: Trainer,
+           paths: RunPaths) -> str:
+    """What is about to run, with the recipe, why it was chosen and every value it resolved to."""
+    h, w = config.img_size
+    devices = f"{config.batch_size} x {trainer.world_size} device(s)"
+    if trainer.accumulate_grad_batches > 1:
+        devices += f" x {trainer.accumulate_grad_batches} accumulated"
+    recipe_values = ", ".join(f"{key} {getattr(config, key)}" for key in recipe.values if hasattr(config, key))
+    return (f"{config.variant}{' (linear SRA)' if module.linear_sra_enabled else ''} | {h}x{w} | "
+            f"{complexity.params_m:.2f} M params, {complexity.gmacs:.2f} GMACs | {datamodule.num_classes} classes | "
+            f"batch {devices} = {total_batch(config, trainer)} | lr {config.lr:.2e} | precision "
+            f"{trainer.precision} | run dir {paths.run_dir}\n"
+            f"recipe {recipe.name} ({recipe.reason}): {recipe_values}, drop_path {config.drop_path}, grad_clip "
+            f"{config.grad_clip}")
+
+
+def final_line(paths: RunPaths, summary: dict) -> str:
+    m, best = summary["metrics"], summary["best"]
+    return (f"Run saved to {paths.run_dir} | val/acc {_fmt(m.get('val/acc'))} P {_fmt(m.get('val/precision'))} "
+            f"R {_fmt(m.get('val/recall'))} | best {best['metric']} {_fmt(best['value'])} at epoch "
+            f"{best['epoch']} | {summary['wall_time_s']:.0f} s")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
