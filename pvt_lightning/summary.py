@@ -215,3 +215,94 @@ def plot_runs(logdir: str | Path, tags: Sequence[str], out_path: str | Path, fil
     figure.tight_layout()
     figure.savefig(out_path)
     return present
+
+
+# --- per-class precision and recall --------------------------------------------------------------------------
+
+PER_CLASS_PREFIXES = {"precision": "val/precision/", "recall": "val/recall/"}
+"""Tag prefixes of the per-class scalars ``ClassificationReport`` logs every validation epoch."""
+PER_CLASS_COLUMNS = ("run", "class", "precision", "recall")
+
+
+def per_class_values(run_dir: str | Path, scalars: dict[str, Series] | None = None) -> dict[str, dict[str, float]]:
+    """``{class: {"precision": p, "recall": r}}`` at the run's last validated epoch, in its class order."""
+    scalars = load_scalars(run_dir) if scalars is None else scalars
+    values: dict[str, dict[str, float]] = {}
+    for metric, prefix in PER_CLASS_PREFIXES.items():
+        for tag, series in scalars.items():
+            if tag.startswith(prefix) and series:
+                values.setdefault(tag[len(prefix):], {})[metric] = series[-1][1]
+    order = load_summary(run_dir).get("class_names") or sorted(values)
+    return {name: values[name] for name in order if name in values}
+
+
+def per_class_groups(logdir: str | Path, filter: str | None = None) -> list[dict[str, Any]]:
+    """Runs grouped by dataset (same class names): ``[{"classes": [...], "runs": {run: {class: {...}}}}]``.
+
+    Runs without per-class scalars (trained without the report callback) are left out.
+    """
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for run in find_runs(logdir, filter):
+        values = per_class_values(run)
+        if values:
+            group = groups.setdefault(tuple(values), {"classes": list(values), "runs": {}})
+            group["runs"][run.relative_to(logdir).as_posix()] = values
+    return list(groups.values())
+
+
+def per_class_rows(group: dict[str, Any], limit: int | None = None) -> tuple[list[str], list[list[str]], bool]:
+    """Header and cells of one group's table: a row per class, precision and recall (%) per run.
+
+    With ``limit`` and more classes than that, the ``limit`` classes with the lowest recall in any run
+    (the rare and hard ones), worst first; the flag says whether rows were left out.
+    """
+    runs = group["runs"]
+    classes = group["classes"]
+    cut = limit is not None and len(classes) > limit
+    if cut:
+        def worst(name: str) -> float:
+            return min(v[name].get("recall", float("inf")) for v in runs.values())
+
+        classes = sorted(classes, key=worst)[:limit]
+    header = ["class"] + [f"{label} {run}" for run in runs for label in ("P", "R")]
+    cells = [[name] + [_percent(runs[run][name].get(metric)) for run in runs for metric in ("precision", "recall")]
+             for name in classes]
+    return header, cells, cut
+
+
+def format_per_class_markdown(groups: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table per dataset, every class."""
+    parts = []
+    for group in groups:
+        header, cells, _ = per_class_rows(group)
+        lines = [f"{len(group['runs'])} runs on {len(group['classes'])} classes "
+                 f"({', '.join(group['classes'][:5])}{', ...' if len(group['classes']) > 5 else ''}); "
+                 "precision / recall in % at the last validated epoch", "",
+                 "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(line) + " |" for line in cells]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def format_per_class_text(groups: Sequence[dict[str, Any]], limit: int = 30) -> str:
+    """Aligned tables for a terminal, at most ``limit`` classes each (the lowest recall first)."""
+    parts = []
+    for group in groups:
+        header, cells, cut = per_class_rows(group, limit)
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+        title = f"per class, {len(group['runs'])} runs on {len(group['classes'])} classes"
+        title += f" (the {limit} with the lowest recall shown; all in per_class.md)" if cut else ""
+        rows = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *cells]]
+        parts.append("\n".join([title, *rows]) + "\n")
+    return "\n".join(parts)
+
+
+def write_per_class_csv(groups: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Long format, raw fractions: one row per run and class, columns ``PER_CLASS_COLUMNS``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PER_CLASS_COLUMNS)
+        writer.writeheader()
+        for group in groups:
+            for run, values in group["runs"].items():
+                for name, metrics in values.items():
+                    writer.writerow({"run": run, "class": name, **metrics})
