@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -186,7 +187,11 @@ def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor
     output is as small as 7x7 (the likely cause of timm's b2_li being slower than b2 on GPUs). On CPU
     the three cost the same (torch 2.14, forward and backward); what matters there is the layout:
     adaptive pooling of a channels-last map is 9x faster than of an NCHW-contiguous one.
+    While exporting (ONNX, ``torch.export``) every size takes the matmul path, with matrices built from
+    the symbolic H and W, so one exported graph pools any input size exactly.
     """
+    if is_exporting():
+        return pool_tokens_by_matmul(x, hw, size)  # symbolic H, W: no branch on the traced size
     H, W = hw
     if H == size and W == size:
         return x
@@ -202,8 +207,9 @@ def pool_tokens_by_matmul(x: torch.Tensor, hw: tuple[int, int], size: int) -> to
     """``pool_tokens`` as separable averaging matmuls (rows, then columns): (B, H*W, C) -> (B, size^2, C)."""
     B, _, C = x.shape
     H, W = hw
-    pool_w = adaptive_pool_matrix(W, size, x.device, x.dtype)  # (size, W)
-    pool_h = adaptive_pool_matrix(H, size, x.device, x.dtype)  # (size, H)
+    matrix = pool_matrix if is_exporting() else adaptive_pool_matrix  # SymInt sizes cannot key a cache
+    pool_w = matrix(W, size, x.device, x.dtype)  # (size, W)
+    pool_h = matrix(H, size, x.device, x.dtype)  # (size, H)
     x = torch.matmul(pool_w, x.view(B, H, W, C))  # (B, H, size, C)
     x = torch.matmul(pool_h, x.view(B, H, size * C))  # (B, size, size * C)
     return x.view(B, size * size, C)
@@ -217,6 +223,24 @@ def adaptive_pool_matrix(n: int, size: int, device: torch.device, dtype: torch.d
     j = torch.arange(n)
     inside = (j >= start[:, None]) & (j < end[:, None])
     return (inside.double() / (end - start)[:, None]).to(device=device, dtype=dtype)
+
+
+def pool_matrix(n: int | torch.SymInt, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``adaptive_pool_matrix`` from ops that export with a symbolic ``n`` (Range, Mul, Div, compares), uncached."""
+    i = torch.arange(size, device=device)
+    start = torch.div(i * n, size, rounding_mode="floor")  # (size,)
+    end = torch.div((i + 1) * n + size - 1, size, rounding_mode="floor")
+    j = torch.arange(n, device=device)  # (n,)
+    inside = (j >= start[:, None]) & (j < end[:, None])  # (size, n)
+    return inside.to(dtype) / (end - start).to(dtype)[:, None]
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` / ``torch.onnx.export`` traces the model (eager code paths may then differ)."""
+    if torch.compiler.is_exporting():  # torch.export, and the dynamo ONNX exporter built on it
+        return True
+    onnx = sys.modules.get("torch.onnx")  # the TorchScript ONNX exporter; no import of torch.onnx in eager runs
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 class ConvMlp(nn.Module):
