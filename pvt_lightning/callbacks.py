@@ -159,6 +159,8 @@ class ClassificationReport(L.Callback):
             # Per threshold and class, [[TN, FP], [FN, TP]], summed over ranks: the counts the plugin shows.
             counts = self.pr_curve.confmat.clone()
         self.last_scalars = scalars
+        # On every rank (the values are synced), so --monitor val/recall/<class> can pick checkpoints and stop early.
+        trainer.callback_metrics.update({tag: torch.tensor(value) for tag, value in scalars.items()})
         log_epoch_scalars(trainer, scalars)
         for writer in tensorboard_writers(trainer):
             self._write_figures(writer, trainer.current_epoch, per_class["confusion"], precision, recall, counts)

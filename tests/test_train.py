@@ -111,7 +111,8 @@ def test_resume_last_ends_at_the_same_step_as_an_uninterrupted_run(trained_run, 
     run_cli(*QUICK, "--data", "data", "--epochs", "1", "--logdir", "runs", "--name", "resumed", cwd=workspace)
     run_cli(*QUICK, "--data", "data", "--epochs", "2", "--logdir", "runs", "--name", "resumed", "--resume", "last",
             cwd=workspace)
-    resumed = json.loads((workspace / "runs" / "resumed" / "version_1" / "summary.json").read_text())
+    resumed = json.loads((workspace / "runs" / "resumed" / "version_0" / "summary.json").read_text())
+    assert not (workspace / "runs" / "resumed" / "version_1").exists(), "resume continues the same version folder"
     assert resumed["global_step"] == full_summary["global_step"]
     assert resumed["epochs"] == full_summary["epochs"]
 

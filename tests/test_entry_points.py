@@ -1,0 +1,133 @@
+"""The training and inference entry points in-process: resolved configuration, lr scaling, resume folders, outputs."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pvt_lightning.cli import main
+from pvt_lightning.config import parse_config
+from pvt_lightning.rundir import RunPaths, claim_version, release_version_env
+
+TINY = ["--variant", "b0", "--img-size", "32", "32", "--num-workers", "0", "--precision", "32",
+        "--accelerator", "cpu", "--limit-train-batches", "2", "--limit-val-batches", "1", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from conftest import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("entry") / "data", classes=("a", "b"), per_class=4,
+                             size=(32, 32))
+
+
+def hparams(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "hparams.yaml").read_text())
+
+
+def trainer_for(argv: list[str], tmp_path: Path):
+    """The Trainer train() would build for ``argv`` (nothing is fitted)."""
+    from pvt_lightning.assembly import make_trainer
+
+    config = parse_config(argv)
+    return config, make_trainer(config, RunPaths(tmp_path / "runs" / "x" / "version_0"), [])
+
+
+def test_lr_scales_with_accumulation_and_world_size(tmp_path):
+    from pvt_lightning.train import scaled_lr
+
+    base = ["--accelerator", "cpu", "--base-lr", "5e-4", "--logdir", str(tmp_path)]
+    lr_32 = scaled_lr(*trainer_for([*base, "--batch-size", "32"], tmp_path))
+    lr_16x2 = scaled_lr(*trainer_for([*base, "--batch-size", "16", "--accumulate-grad-batches", "2"], tmp_path))
+    lr_ddp = scaled_lr(*trainer_for([*base, "--batch-size", "32", "--devices", "2", "--strategy", "ddp"], tmp_path))
+    assert lr_32 == pytest.approx(5e-4 * 32 / 512)
+    assert lr_16x2 == pytest.approx(lr_32)
+    assert lr_ddp == pytest.approx(2 * lr_32)
+
+
+def test_default_root_dir_is_the_run(tmp_path):
+    """Lightning's SLURM requeue writes hpc_ckpt_*.ckpt to default_root_dir: it must be the run folder."""
+    _, trainer = trainer_for(["--accelerator", "cpu"], tmp_path)
+    assert Path(trainer.default_root_dir) == tmp_path / "runs" / "x" / "version_0"
+
+
+def test_yaml_lr_trains_and_print_config_reproduces_hparams(data, tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("lr: 1e-3\nbatch-size: 4\n")
+    argv = [*TINY, "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name", "yaml", "--config",
+            str(config_file)]
+    assert main(argv) == 0
+    first = tmp_path / "runs" / "yaml" / "version_0"
+    assert hparams(first)["lr"] == 0.001
+    ckpt = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
+
+    capsys.readouterr()
+    assert main([*argv, "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert main(["--config", str(printed)]) == 0
+    second = tmp_path / "runs" / "yaml" / "version_1"
+    assert hparams(second) == hparams(first)
+    rerun = tmp_path / "runs" / "yaml" / "version_2"
+    assert main(["--config", str(first / "hparams.yaml")]) == 0
+    assert hparams(rerun) == hparams(first)
+
+
+def test_checkpoint_loads_without_the_pretrained_file(data, tmp_path):
+    from pvt_lightning import ImageClassifier, create_model
+
+    weights = tmp_path / "start.pth"
+    torch.save(create_model("b0", num_classes=2).state_dict(), weights)
+    assert main([*TINY, "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name",
+                 "pre", "--pretrained", str(weights)]) == 0
+    weights.unlink()  # moved or deleted after training
+    last = tmp_path / "runs" / "pre" / "version_0" / "checkpoints" / "last.ckpt"
+    module = ImageClassifier.load_from_checkpoint(last, map_location="cpu")
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in module.state_dict().items())
+    assert module.hparams.class_names == ["a", "b"]
+
+
+def test_csv_logger_writes_metrics_and_keeps_hparams(data, tmp_path):
+    assert main([*TINY, "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name",
+                 "csv", "--logger", "csv", "--monitor", "val/recall/a"]) == 0
+    run_dir = tmp_path / "runs" / "csv" / "version_0"
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/acc", "val/recall/a"} <= set(header)
+    assert hparams(run_dir)["logger"] == "csv" and not list(run_dir.glob("events.out.tfevents.*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["metric"] == "val/recall/a" and 0 <= summary["best"]["value"] <= 1
+    assert summary["memory_measure"] == "cpu_process_tree_pss" and summary["peak_pss_mb"] > 0
+    assert "recall_a" in Path(summary["checkpoints"]["best"]).name
+
+
+def test_per_class_monitor_must_name_a_class(data, tmp_path, capsys):
+    assert main([*TINY, "--data", str(data), "--logdir", str(tmp_path / "runs"), "--monitor", "val/recall/zebra"]) == 2
+    assert "zebra" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("version_*"))
+
+
+def test_evaluate_refuses_to_overwrite_the_checkpoint(data, tmp_path, capsys):
+    assert main([*TINY, "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name",
+                 "ev"]) == 0
+    last = tmp_path / "runs" / "ev" / "version_0" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    assert main(["--evaluate", str(last), "--data", str(data), "--output", str(last), "--num-workers", "0"]) == 2
+    assert "already exists" in capsys.readouterr().err and last.read_bytes() == before
+
+
+def test_concurrent_claims_get_distinct_versions(tmp_path):
+    claimed: list[Path] = []
+    threads = [threading.Thread(target=lambda: claimed.append(claim_version(tmp_path / "run"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({p.name for p in claimed}) == 8 and all(p.is_dir() for p in claimed)
+    release_version_env()
