@@ -19,6 +19,7 @@ from .dataset import BAD_IMAGE_POLICIES, BadImageLog, CollateDroppingBad, ImageD
 from .decode import read_image
 from .errors import BadImageError, DataError
 from .folders import Sample, check_enough_classes, list_images, scan_split, stratified_split
+from .sampling import SAMPLERS, ClassBalancedSampler
 from .transforms import eval_transform, resize_target, train_transform
 
 log = logging.getLogger("pvt_lightning.data")
@@ -58,6 +59,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         predict_dir: str | Path | None = None,
+        sampler: str = "none",
     ) -> None:
         """See the class docstring; ``num_workers`` defaults to min(4, CPUs), ``pin_memory`` to CUDA availability,
         ``crop_scale`` is RandomResizedCrop's area range, ``predict_dir`` a folder (flat or nested) to predict."""
@@ -79,6 +81,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.verify_images = verify_images
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_dir = Path(predict_dir).expanduser() if predict_dir is not None else None
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        self.sampler = sampler  # training: "none" shuffles, "balanced"/"sqrt" rebalance classes (sampling.py)
         train_transform(self.img_size, augment, self.crop_scale)  # fail on a bad augment name now, not in a worker
         eval_transform(self.img_size, crop_pct)
 
@@ -219,7 +224,15 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         transform = train_transform(self.img_size, self.augment, self.crop_scale, seed=self.seed)
-        return self._loader(self.samples("train"), transform, train=True)
+        return self._loader(self.samples("train"), transform, train=True, sampler=self._train_sampler())
+
+    def _train_sampler(self) -> ClassBalancedSampler | None:
+        """The class-rebalancing sampler, if any; it splits its draws across DDP ranks itself, so Lightning keeps it."""
+        if self.sampler == "none":
+            return None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        return ClassBalancedSampler([label for _, label in self.samples("train")], self.sampler, num_replicas=world,
+                                    rank=rank, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.samples("val"), eval_transform(self.img_size, self.crop_pct))
@@ -232,13 +245,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         samples = self._predict_samples() if self.predict_dir is not None else self.samples("val")
         return self._loader(samples, eval_transform(self.img_size, self.crop_pct), with_paths=True)
 
-    def _loader(self, samples: list[Sample], transform, train: bool = False, with_paths: bool = False) -> DataLoader:
+    def _loader(self, samples: list[Sample], transform, train: bool = False, with_paths: bool = False,
+                sampler: ClassBalancedSampler | None = None) -> DataLoader:
         dataset = ImageDataset(samples, transform, self._bad_log, self.bad_images, replace_bad=train,
                                with_paths=with_paths, min_side=max(resize_target(self.img_size, self.crop_pct)))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(samples) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
