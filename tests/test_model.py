@@ -48,7 +48,7 @@ def test_any_input_size_and_feature_strides(size):
     model = create_model("b0", num_classes=5).eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        features = model.forward_features(x)
+        features = model.forward_intermediates(x, intermediates_only=True)
         logits = model(x)
     assert logits.shape == (2, 5)
     assert [f.shape[1] for f in features] == [32, 64, 160, 256]

@@ -34,11 +34,12 @@ def test_logits_match_timm(pair, size):
     assert (fast - plain).abs().max() < 1e-4
 
 
-def test_forward_features_are_contiguous_nchw_maps_matching_timm(pair):
+def test_intermediates_are_contiguous_nchw_maps_matching_timm(pair):
     ours, ref = pair
     x = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
-        maps, ref_maps = ours.forward_features(x), ref.forward_intermediates(x, intermediates_only=True)
+        maps, ref_maps = ours.forward_intermediates(x, intermediates_only=True), ref.forward_intermediates(
+            x, intermediates_only=True)
     for i, (m, r) in enumerate(zip(maps, ref_maps)):
         assert m.shape == r.shape == (1, ours.config.embed_dims[i], 96 // 2 ** (i + 2), 64 // 2 ** (i + 2))
         assert m.is_contiguous()

@@ -1,61 +1,313 @@
-"""Loading weights into our models from the official, timm, HF transformers and our own layouts.
+"""Reading weight files safely, telling their kinds apart, and loading them into our models
+from the official, timm, HF transformers and our own layouts.
 
 Every file is read with ``torch.load(..., weights_only=True)`` (or safetensors): a checkpoint
-that needs arbitrary unpickling is refused, so nothing in it can run.
+that needs arbitrary unpickling is refused, so nothing in it can run. ``inspect_checkpoint`` says
+up front what a file is (one message per kind of wrong file), and ``check_resume_compatible``
+whether a run may continue from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
 
+TRAINING = "training"
+"""A pvt-lightning training checkpoint (``last.ckpt``, ``best-*.ckpt``): weights, optimizer, loop state, hparams."""
+LIGHTNING = "lightning"
+"""A Lightning checkpoint written by another program: resumable state, but not our model's hyper-parameters."""
+STATE_DICT = "state_dict"
+"""Plain weights in a PyTorch file (official release, timm, HF, or ``torch.save(model.state_dict())``)."""
+SAFETENSORS = "safetensors"
+"""Plain weights in a .safetensors file."""
+
 
 class CheckpointError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, or not matching the model."""
 
+    def __str__(self) -> str:
+        from ..data.errors import printable
 
-def read_state_dict_file(path: str | Path, map_location="cpu") -> Mapping:
-    """Read a checkpoint file without unpickling arbitrary objects; any failure is a CheckpointError."""
+        return printable(super().__str__())  # paths in it may hold undecodable bytes
+
+
+def _sniff(path: Path) -> str:
+    """'empty', 'torch' (zip or legacy pickle), 'safetensors' (8-byte header length, then JSON) or 'other'."""
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    return "other"
+
+
+def _looks_like(path: Path) -> str:
+    """A few words on what a file that is not a checkpoint seems to be."""
+    with open(path, "rb") as file:
+        head = file.read(256)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8]!r}"
+    first_line = text.strip().splitlines()[0][:60] if text.strip() else ""
+    return f"it is a text file starting {first_line!r}"
+
+
+def read_state_dict_file(path: str | Path, map_location="cpu", mmap: bool = False) -> Mapping:
+    """Read a checkpoint file without unpickling arbitrary objects; any failure is one CheckpointError.
+
+    ``mmap``: map a zip-format PyTorch file instead of reading it (tensors are paged in when used);
+    cheap for looking at a large checkpoint.
+    """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the weights file in it (a .pth/.pt/.ckpt/.safetensors file)")
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path} (pass the path of a .pth/.pt/.ckpt/.safetensors file)")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise CheckpointError(f"{path} is a safetensors file; install it with `pip install safetensors`") from err
-        return load_file(str(path))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        kind = _sniff(path)
+    except OSError as err:
+        raise CheckpointError(f"cannot read weights file {path}: {err.strerror}") from None
+    if kind == "empty":
+        raise CheckpointError(f"weights file {path} is empty (0 bytes): an interrupted download or copy? "
+                              "Copy or download it again")
+    if path.suffix == ".safetensors" or kind == "safetensors":
+        return _read_safetensors(path)
+    if kind != "torch":
+        raise CheckpointError(f"{path} is not a checkpoint: {_looks_like(path)}. Pass a PyTorch checkpoint "
+                              "(.ckpt/.pth/.pt, written by torch.save) or a .safetensors weights file")
+    try:
+        return _torch_load(path, map_location, mmap)
     except pickle.UnpicklingError as err:
         forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if forbidden is None and "Unsupported global" not in str(err):
+            raise CheckpointError(f"cannot read weights file {path}: it is corrupt or truncated "
+                                  f"({_last_line(err)}); copy or download it again") from None
         raise CheckpointError(
             f"refused to load {path}: it holds objects other than tensors and plain containers"
             f"{f' ({forbidden.group(1)})' if forbidden else ''}, and unpickling them could run arbitrary code. "
             f"If you trust the file, re-save only its state dict with "
             f"torch.save(obj['model'].state_dict(), 'weights.pth') and pass that."
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"cannot read weights file {path}: {err}. Is it a complete PyTorch checkpoint?") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"cannot read weights file {path}: it is corrupt or truncated ({_last_line(err)}); "
+                              "copy or download it again") from None
 
 
-def unwrap_state_dict(obj: Mapping) -> StateDict:
+def _torch_load(path: Path, map_location, mmap: bool):
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):  # a legacy (non-zip) file: read it whole
+                raise
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise CheckpointError(f"{path} is a safetensors file; install it with `pip install safetensors`") from err
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: it is a corrupt or truncated safetensors file ({err}); "
+                              "copy or download it again") from None
+
+
+def _last_line(err: BaseException) -> str:
+    """The informative part of torch's multi-paragraph load errors."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if text.startswith("Weights only load failed") and len(lines) > 1:
+        text = next((line for line in lines[1:] if not line.startswith(("Please", "Check", "Re-running"))), text)
+    if text.startswith("PytorchStreamReader failed"):
+        text = text.split(". This is an internal miniz error")[0]
+    return text[:200]
+
+
+# --- what a file is ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a weights file holds, read up front by ``inspect_checkpoint``."""
+
+    path: Path
+    kind: str  # TRAINING, LIGHTNING, STATE_DICT or SAFETENSORS
+    layout: str | None = None  # key layout of the weights: ours / official / timm / hf; None: not recognised
+    num_tensors: int = 0
+    variant: str | None = None  # TRAINING only, from the saved hyper-parameters
+    linear_sra: bool | None = None
+    img_size: tuple[int, int] | None = None
+    class_names: tuple[str, ...] | None = None
+    epoch: int | None = None
+    global_step: int | None = None
+
+    def describe(self) -> str:
+        """A phrase naming the kind, e.g. 'a pvt-lightning training checkpoint (b0, 32x32, 3 classes, epoch 2)'."""
+        layout = f" in the {self.layout} layout" if self.layout else ""
+        if self.kind == TRAINING:
+            size = "x".join(map(str, self.img_size)) if self.img_size else "?"
+            classes = len(self.class_names) if self.class_names is not None else "?"
+            return (f"a pvt-lightning training checkpoint ({_model_name(self.variant, self.linear_sra)}, {size}, "
+                    f"{classes} classes, epoch {self.epoch})")
+        if self.kind == LIGHTNING:
+            return "a Lightning checkpoint from another program (no pvt-lightning hyper-parameters)"
+        if self.kind == SAFETENSORS:
+            return f"a safetensors weights file{layout} ({self.num_tensors} tensors)"
+        return f"a plain state dict{layout} ({self.num_tensors} tensors)"
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Say what ``path`` holds without building a model; a missing, empty, corrupt, truncated, unsafe
+    or non-checkpoint file is a CheckpointError with one message for each of those cases."""
+    path = Path(path).expanduser()
+    return describe_checkpoint(read_state_dict_file(path, mmap=True), path)
+
+
+def describe_checkpoint(obj, path: str | Path) -> CheckpointInfo:
+    """``inspect_checkpoint`` for an already loaded file."""
+    path = Path(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights; "
+                              "pass a .ckpt from a run's checkpoints/ folder or a weights file")
+    hparams = obj.get("hyper_parameters")
+    lightning = isinstance(obj.get("state_dict"), Mapping) and any(
+        k in obj for k in ("hyper_parameters", "pytorch-lightning_version", "global_step", "loops"))
+    state = unwrap_state_dict(obj, path)
+    layout = _layout_or_none(state)
+    kind = SAFETENSORS if path.suffix == ".safetensors" or _safe_sniff(path) == "safetensors" else STATE_DICT
+    if not lightning:
+        return CheckpointInfo(path, kind, layout, len(state))
+    if not (isinstance(hparams, Mapping) and "variant" in hparams and "class_names" in hparams):
+        return CheckpointInfo(path, LIGHTNING, layout, len(state), epoch=obj.get("epoch"),
+                              global_step=obj.get("global_step"))
+    img_size = hparams.get("img_size")
+    return CheckpointInfo(
+        path, TRAINING, layout, len(state), variant=str(hparams["variant"]), linear_sra=hparams.get("linear_sra"),
+        img_size=tuple(int(v) for v in img_size) if img_size is not None else None,
+        class_names=tuple(str(c) for c in hparams["class_names"]), epoch=obj.get("epoch"),
+        global_step=obj.get("global_step"))
+
+
+def _safe_sniff(path: Path) -> str:
+    try:
+        return _sniff(path)
+    except OSError:
+        return "other"
+
+
+def _layout_or_none(state: StateDict) -> str | None:
+    try:
+        return detect_layout(state)
+    except CheckpointError:
+        return None
+
+
+def _model_name(variant: str | None, linear_sra: bool | None) -> str:
+    """'b0', or 'b2 with linear SRA' where the override differs from the variant's own attention."""
+    if variant is None:
+        return "?"
+    from .registry import variant_spec
+
+    try:
+        spec = variant_spec(variant)
+    except ValueError:
+        return variant
+    if linear_sra is None or bool(linear_sra) == spec.linear_sra:
+        return spec.name
+    return f"{spec.name} with{'' if linear_sra else 'out'} linear SRA"
+
+
+def _architecture(variant: str, linear_sra: bool | None):
+    """What decides whether weights fit: the variant's architecture with its linear-SRA override applied."""
+    from .registry import variant_spec
+
+    spec = variant_spec(variant)
+    if spec.family == "pvt_v2" and linear_sra is not None:
+        return dataclasses.replace(spec.arch, linear_sra=bool(linear_sra))
+    return spec.arch
+
+
+def check_resume_compatible(info: CheckpointInfo, variant: str, img_size: Sequence[int],
+                            class_names: Sequence[str], linear_sra: bool | None = None) -> None:
+    """CheckpointError unless a run of ``variant`` at ``img_size`` on ``class_names`` can continue from ``info``.
+
+    --resume restores a run exactly (weights, optimizer, schedule, epoch); a file of another kind,
+    model, input size or class list cannot be continued, and the message says how to fine-tune from
+    its weights with --pretrained instead.
+    """
+    path = info.path
+    if info.kind != TRAINING:
+        raise CheckpointError(
+            f"cannot --resume {path}: it is {info.describe()}, not a pvt-lightning training checkpoint, so it holds "
+            f"no optimizer state or epoch to continue from. To start a new run from its weights, pass "
+            f"--pretrained {path} instead of --resume")
+    try:
+        same_model = _architecture(info.variant, info.linear_sra) == _architecture(variant, linear_sra)
+    except ValueError:  # a variant this version does not know
+        same_model = False
+    if not same_model:
+        their = _model_name(info.variant, info.linear_sra)
+        raise CheckpointError(
+            f"cannot --resume {path}: it is a {their} checkpoint and this run builds "
+            f"{_model_name(variant, linear_sra)}. Run with --variant {info.variant}"
+            f"{'' if info.linear_sra is None else (' --linear-sra' if info.linear_sra else ' --no-linear-sra')} "
+            f"to continue it (its weights do not fit another model, so --pretrained cannot use them either)")
+    run_size, run_classes = tuple(int(v) for v in img_size), tuple(class_names)
+    differences = []
+    if info.img_size is not None and info.img_size != run_size:
+        differences.append(f"input size {_hw(info.img_size)} (this run: {_hw(run_size)})")
+    if info.class_names != run_classes:
+        differences.append(f"classes {_classes(info.class_names)} (this run: {_classes(run_classes)})")
+    if differences:
+        head = ("; the classifier head is re-initialised because the number of classes differs"
+                if info.class_names is not None and len(info.class_names) != len(run_classes) else "")
+        raise CheckpointError(
+            f"cannot --resume {path}: it was trained with {' and '.join(differences)}. --resume continues a run "
+            f"exactly as it was; to fine-tune from its weights with this run's settings, pass --pretrained {path} "
+            f"instead (a new run{head})")
+
+
+def _hw(size: Sequence[int]) -> str:
+    return "x".join(str(v) for v in size)
+
+
+def _classes(names: Sequence[str] | None, limit: int = 6) -> str:
+    if names is None:
+        return "unknown"
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"[{shown}]"
+
+
+def unwrap_state_dict(obj: Mapping, path: str | Path | None = None) -> StateDict:
     """Find the tensors in a checkpoint: flat, or under ``model`` / ``state_dict`` (Lightning, official training)."""
+    where = f"{path} " if path is not None else "checkpoint "
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}is not a checkpoint: it holds a {type(obj).__name__}, not a dict of weights")
     for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+        if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model'/'state_dict')")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{where}holds no weights (expected a dict of tensors, or one under "
+                              "'model'/'state_dict'); is it a checkpoint at all?")
     # Lightning (ImageClassifier.model), torch.compile and DDP wrappers prefix every key.
     for prefix in ("model.", "_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state):
@@ -150,7 +402,9 @@ def to_our_layout(state: StateDict) -> StateDict:
 
 
 def head_prefix(model: nn.Module) -> str:
-    return "fc." if hasattr(model, "fc") and not hasattr(model, "stages") else "head."
+    """State-dict prefix of the model's classifier (``get_classifier()``): 'head.' for PVTv2, 'fc.' for resnet50."""
+    head = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is head) + "."
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
@@ -159,7 +413,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     A classifier head whose shape differs from the model's (fine-tuning on your own classes)
     is left freshly initialised, with one warning; any other mismatch is a CheckpointError.
     """
-    state = unwrap_state_dict(read_state_dict_file(path))
+    state = unwrap_state_dict(read_state_dict_file(path), path)
     if hasattr(model, "stages"):
         state = to_our_layout(state)
     own = model.state_dict()

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .features import Indices, feature_take_indices
+
 MIN_INPUT_SIZE = 32
 """Smallest input side: stage 1 must hold at least one 8x8 spatial-reduction window."""
 
@@ -37,7 +39,7 @@ LINEAR_SRA_POOL = 7
 
 @dataclass(frozen=True)
 class PvtV2Config:
-    """Architecture of one PVTv2 variant (see REFERENCE.md's table)."""
+    """Architecture of one PVTv2 variant (the variants: ``registry.VARIANT_SPECS``, docs/variants.md)."""
 
     embed_dims: tuple[int, int, int, int] = (64, 128, 320, 512)
     depths: tuple[int, int, int, int] = (3, 4, 6, 3)
@@ -318,10 +320,12 @@ class Stage(nn.Module):
 
 
 class PyramidVisionTransformerV2(nn.Module):
-    """PVTv2 classifier and backbone.
+    """PVTv2 classifier and backbone, with timm's model interface.
 
-    ``forward(x)`` -> logits ``(B, num_classes)``; ``forward_features(x)`` -> four NCHW maps at
-    strides 4, 8, 16, 32 (for detection / segmentation necks).
+    ``forward(x)`` = ``forward_head(forward_features(x))`` -> logits ``(B, num_classes)``;
+    ``forward_features(x)`` -> the last stage's map ``(B, C4, H/32, W/32)``;
+    ``forward_intermediates(x)`` -> the four stage maps at strides 4, 8, 16, 32 (for detection /
+    segmentation necks; ``create_model(name, features_only=True)`` wraps it as a backbone).
     """
 
     def __init__(
@@ -332,11 +336,16 @@ class PyramidVisionTransformerV2(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
         self.num_features = config.embed_dims[-1]
+        self.global_pool = check_global_pool(global_pool)
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}")
+                             for i, dim in enumerate(config.embed_dims)]
+        self.pretrained_cfg: dict = {}  # create_model fills it from the variant's record
         # Official rule: drop-path rate rises linearly over all blocks of all stages.
         dpr = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
         stages, start, prev_dim = [], 0, in_chans
@@ -351,14 +360,25 @@ class PyramidVisionTransformerV2(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
 
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass: less activation memory, ~30% more compute."""
+        """Recompute each block in the backward pass: less activation memory, more compute."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` (0 = no head)."""
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0 = no head);
+        ``global_pool=""`` also drops the pooling, so ``forward`` returns the last stage's map."""
         self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self.head)
 
@@ -372,26 +392,74 @@ class PyramidVisionTransformerV2(nn.Module):
                 f"(stage 1 needs an 8x8 spatial-reduction window); resize or pad your images"
             )
 
-    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage outputs as channels-last maps (views of the tokens, no copies)."""
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Indices = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage maps, as timm's ``forward_intermediates``: ``(last map, [maps])``, or ``[maps]`` alone.
+
+        ``indices``: None = all four stages, n = the last n, a sequence = those (negative from the end).
+        ``stop_early``: stages after the last one taken do not run. ``norm``: accepted for timm's
+        signature; every stage already ends with its LayerNorm. ``output_fmt``: "NCHW" gives contiguous
+        ``(B, C, H/s, W/s)`` maps (s = 4, 8, 16, 32), "NHWC" ``(B, H/s, W/s, C)`` views of the tokens (no copy).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
         self.check_input_size(x)
         x = x.contiguous(memory_format=torch.channels_last)  # so the first conv, too, yields tokens without a copy
-        maps = []
+        intermediates = []
+        for i, stage in enumerate(self.stages[:last + 1] if stop_early else self.stages):
+            x = stage(x)  # a channels-last view of the stage's tokens
+            if i in take:
+                intermediates.append(x.contiguous() if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: Indices = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` and (with ``prune_head`` or such a cut) the head.
+
+        Returns the absolute indices. ``prune_norm`` is accepted for timm's signature: the stage norms
+        are part of the stage maps, so there is nothing separate to drop.
+        """
+        take, last = feature_take_indices(len(self.stages), indices)
+        cut = last < len(self.stages) - 1
+        self.stages = self.stages[:last + 1]
+        self.feature_info = self.feature_info[:last + 1]
+        if cut:
+            self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_head or cut:
+            self.reset_classifier(0, "")
+        return take
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the last stage's map (B, C4, H/32, W/32), channels-last (a view of its tokens)."""
+        self.check_input_size(x)
+        x = x.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x)
-            maps.append(x)
-        return maps
+        return x
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)]."""
-        return [m.contiguous() for m in self.stage_maps(x)]  # NCHW-contiguous for necks and users
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-stage map (B, C4, h, w) -> logits (B, num_classes): global mean, then linear."""
-        return self.head(x.mean(dim=(2, 3)))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last stage's map (B, C4, h, w) -> logits (B, num_classes): global mean, then linear.
+        ``pre_logits``: the pooled features (B, num_features), before the head."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.stage_maps(x)[-1])  # skips forward_features' contiguous() copies
+        return self.forward_head(self.forward_features(x))
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' (mean over the last map) or '' (none), got {global_pool!r}")
+    return global_pool
 
 
 def init_weights(m: nn.Module) -> None:
