@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 
 
 def timm_to_official(state):
-    """REFERENCE.md's official <- timm key mapping, applied in reverse, written independently of our loader."""
+    """timm's official -> timm key mapping (docs/checkpoints.md), reversed, written independently of our loader."""
     out = {}
     for key, value in state.items():
         key = re.sub(r"^patch_embed\.", "patch_embed1.", key)

@@ -14,9 +14,9 @@ from .pvt_v2 import LINEAR_SRA_POOL, SpatialReductionAttention
 
 @dataclass(frozen=True)
 class Complexity:
-    """Counts for one image. ``gmacs`` covers convolutions and linear layers, the convention of timm's and
-    REFERENCE.md's figures; ``attention_gmacs`` adds the q.k^T and attn.v products, the term that linear
-    SRA changes (billions of multiply-accumulates = GFLOPs / 2)."""
+    """Counts for one image. ``gmacs`` covers convolutions and linear layers, the convention of timm's
+    published figures (docs/variants.md); ``attention_gmacs`` adds the q.k^T and attn.v products, the term
+    that linear SRA changes (billions of multiply-accumulates = GFLOPs / 2)."""
 
     params_m: float
     gmacs: float
