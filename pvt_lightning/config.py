@@ -166,6 +166,7 @@ GROUPS = {
     "model": "model", "data": "data", "recipe": "recipe (unset values come from --recipe)",
     "hardware": "hardware and scale", "trainer": "Lightning Trainer options",
     "run": "run folder, logging and checkpoints", "infer": "evaluation and prediction",
+    "export": "export (experiments/export.py)",
 }
 
 
@@ -173,10 +174,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(schema: type = RunConfig, prog: str = "pvt-lightning", description: str | None = None) -> ArgumentParser:
+    """One flag per field of ``schema``: RunConfig, or another entry point's dataclass (``export.ExportConfig``)."""
     parser = ArgumentParser(
-        prog="pvt-lightning", exit_on_error=False,
-        description="Train, evaluate or predict with PVTv2 (b0..b5, b2_li) or a ResNet-50 baseline on an "
+        prog=prog, exit_on_error=False,
+        description=description or "Train, evaluate or predict with PVTv2 (b0..b5, b2_li) or a ResNet-50 baseline on an "
                     "ImageFolder dataset. Without --data it trains on a built-in demo dataset. Every option is "
                     "also a key of a YAML --config file.",
     )
@@ -184,9 +186,10 @@ def build_parser() -> ArgumentParser:
                         "files win, flags win over files)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML "
                         "and exit; feed it back with --config to rerun it")
-    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    hints = get_type_hints(RunConfig)
-    for spec in dataclasses.fields(RunConfig):
+    used = {spec.metadata["group"] for spec in dataclasses.fields(schema)}
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items() if key in used}
+    hints = get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
         meta = dict(spec.metadata)
         group = groups[meta.pop("group")]
         kwargs: dict[str, Any] = {"default": spec.default, "help": meta.pop("help"), **meta}
