@@ -58,3 +58,21 @@ def test_console_script_and_run_py_help():
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--img-size" in out.stdout
+
+
+def test_lower_bounds_pin_every_runtime_dependency():
+    """CI installs these pins in a fresh environment and runs the fast tests there (.ci/run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lower_bounds", ROOT / ".ci" / "lower_bounds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pins = _requirements(module.lower_bounds())
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    runtime = _requirements(cfg["options"]["install_requires"].splitlines())
+    assert pins.keys() == runtime.keys()
+    for name, pin in pins.items():
+        floor = re.search(r"(?:>=|==)([\w.]+)", runtime[name]).group(1)
+        assert pin == f"{name}=={floor}"
+    assert pins["lightning"] == "lightning==2.6.0"  # EMAWeightAveraging arrived in Lightning 2.6.0
