@@ -156,6 +156,23 @@ class RunConfig:
     checkpoint: Optional[str] = option(None, "checkpoint for --predict", "infer", metavar="CKPT")
     output: Optional[str] = option(None, "--predict: CSV path (default: predictions.csv in the checkpoint's run); "
                                    "--evaluate: also write the metrics as JSON here", "infer", metavar="FILE")
+    output_dir: Optional[str] = option(None, "--evaluate: folder for report.json, per_class.csv, predictions.csv, "
+                                       "the plots and operating_point.json (default: eval_<split>_<checkpoint> in "
+                                       "the checkpoint's run folder)", "infer", metavar="DIR")
+    calibrate: bool = option(False, "--evaluate: fit temperature scaling on --split and report ECE/NLL before and "
+                             "after", "infer")
+    target_precision: Optional[ClosedUnitInterval] = option(None, "--evaluate: per class, the lowest probability "
+                                                            "threshold with at least this precision on --split; "
+                                                            "writes operating_point.json", "infer", metavar="P")
+    target_recall: Optional[ClosedUnitInterval] = option(None, "--evaluate: per class, the highest threshold with "
+                                                         "at least this recall on --split (instead of "
+                                                         "--target-precision)", "infer", metavar="R")
+    operating_point: Optional[str] = option(None, "--predict: apply this operating_point.json (temperature and "
+                                            "per-class thresholds): adds a decision column, probabilities become "
+                                            "calibrated; --evaluate: measure it on --split (e.g. thresholds chosen "
+                                            "on val, checked on test)", "infer", metavar="FILE")
+    tta: bool = option(False, "--evaluate/--predict: test-time augmentation, mean of the logits of each image and "
+                       "its horizontal flip", "infer")
 
     @property
     def height_width(self) -> tuple[int, int]:
@@ -305,12 +322,24 @@ def validate(config: RunConfig) -> None:
                                                                       "variants, not resnet50"),
         (not (config.predict and not config.checkpoint), "--predict DIR needs --checkpoint CKPT"),
         (not (config.evaluate and config.predict), "--evaluate and --predict are separate jobs: give one of them"),
+        (config.target_precision is None or config.target_recall is None,
+         "--target-precision and --target-recall choose the same thresholds two ways: give one of them"),
+        (config.evaluate or not (config.output_dir or config.calibrate or config.target_precision is not None
+                                 or config.target_recall is not None),
+         "--output-dir, --calibrate, --target-precision and --target-recall go with --evaluate CKPT"),
+        (config.predict or config.evaluate or not config.operating_point,
+         "--operating-point goes with --predict DIR --checkpoint CKPT or --evaluate CKPT (it is written by "
+         "--evaluate ... --target-precision P)"),
+        (not (config.operating_point and (config.calibrate or config.target_precision is not None
+                                          or config.target_recall is not None)),
+         "--operating-point brings its own temperature and thresholds: leave out --calibrate, --target-precision "
+         "and --target-recall, or leave out --operating-point to choose new ones"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     parse_devices(config.devices)
-    for name in ("data", "pretrained", "evaluate", "checkpoint", "predict"):
+    for name in ("data", "pretrained", "evaluate", "checkpoint", "predict", "operating_point"):
         value = getattr(config, name)
         if value is not None and not Path(value).expanduser().exists():
             raise UsageError(f"{flag(name)} {value}: no such file or folder")

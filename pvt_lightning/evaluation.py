@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +31,9 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from .config import UsageError
 from .data.errors import DataError
+from .rundir import OutputExistsError, check_output, write_file
 
 ECE_BINS = 15
 ABSTAIN = "abstain"
@@ -269,14 +270,17 @@ class LogitCollector(L.LightningModule):
             logits = (logits + self.classifier(images.flip(-1))) / 2
         return logits
 
-    def predict_step(self, batch, batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch, batch_idx: int) -> dict[str, Any] | None:
+        if batch is None:  # every image of the batch was unreadable (skipped by the data module)
+            return None
         images, paths = batch
         return {"logits": self(images).float().cpu(), "paths": list(paths)}
 
 
 def gather_predictions(outputs: Sequence[dict[str, Any]], num_classes: int) -> tuple[torch.Tensor, list[str]]:
     """``trainer.predict``'s list of batch outputs -> logits (N, C) and the N paths (empty batches allowed)."""
-    logits = [out["logits"] for out in outputs if len(out["paths"])]
+    outputs = [out for out in outputs if out is not None and len(out["paths"])]
+    logits = [out["logits"] for out in outputs]
     paths = [path for out in outputs for path in out["paths"]]
     return (torch.cat(logits) if logits else torch.empty(0, num_classes)), paths
 
@@ -332,89 +336,128 @@ def predictions_csv(paths: Sequence[str], probs: torch.Tensor, class_names: Sequ
     return out.getvalue()
 
 
+PREDICTION_COLUMNS = ("path", "class", "probability", "top5")
+"""``--predict``'s CSV; an operating point adds ``calibrated_probability`` (found next to the checkpoint) or,
+applied with ``--operating-point``, ``decision`` and one ``prob_<class>`` column per class (calibrated)."""
+
+
+def prediction_columns(class_names: Sequence[str], point: OperatingPoint | None = None,
+                       apply: bool = False) -> list[str]:
+    if point is None:
+        return list(PREDICTION_COLUMNS)
+    if not apply:
+        return [*PREDICTION_COLUMNS, "calibrated_probability"]
+    per_class = [f"prob_{name}" for name in class_names] if len(class_names) <= MAX_PROBABILITY_COLUMNS else []
+    return ["path", "class", "probability", "decision", "top5", *per_class]
+
+
+def prediction_rows(paths: Sequence[str], logits: torch.Tensor, class_names: Sequence[str],
+                    point: OperatingPoint | None = None, apply: bool = False) -> list[list[str]]:
+    """Rows under ``prediction_columns``: softmax probabilities, or with ``apply`` the calibrated ones and decisions."""
+    temperature = point.temperature if point is not None else 1.0
+    probs = calibrated_probs(logits, temperature if apply else 1.0)
+    k = min(5, len(class_names))
+    top_p, top_i = (values.tolist() for values in probs.topk(k, dim=-1))
+    rows = []
+    if not apply:
+        calibrated = calibrated_probs(logits, temperature).max(dim=-1).values.tolist() if point else None
+        for n, path in enumerate(paths):
+            row = [path, class_names[top_i[n][0]], f"{top_p[n][0]:.6f}",
+                   ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n], top_p[n]))]
+            rows.append(row + [f"{calibrated[n]:.6f}"] if point else row)
+        return rows
+    decisions = decide(probs, list(point.thresholds.values())).tolist()
+    every = probs.tolist() if len(class_names) <= MAX_PROBABILITY_COLUMNS else None
+    for n, path in enumerate(paths):
+        row = [path, class_names[top_i[n][0]], f"{top_p[n][0]:.9g}",
+               ABSTAIN if decisions[n] < 0 else class_names[decisions[n]],
+               ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n], top_p[n]))]
+        rows.append(row + [f"{q:.9g}" for q in every[n]] if every is not None else row)
+    return rows
+
+
+def find_operating_point(checkpoint: str | Path) -> Path | None:
+    """``operating_point.json`` next to ``checkpoint``, if there is one."""
+    candidate = Path(checkpoint).expanduser().parent / OPERATING_POINT_FILE
+    return candidate if candidate.is_file() else None
+
+
 def _number(value: float | int | None) -> str:
     return "" if value is None else str(value) if isinstance(value, int) else f"{value:.6f}"
 
 
-def existing_outputs(output_dir: str | Path, names: Sequence[str]) -> list[Path]:
-    """The files among ``names`` that already exist in ``output_dir`` (check before any work starts)."""
-    return [Path(output_dir) / name for name in names if (Path(output_dir) / name).exists()]
-
-
-def _write_new(path: Path, data: bytes, overwrite: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, then rename); refuse an existing file."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another output folder or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails if the file appeared since the check: nothing the user owns is replaced
-    finally:
-        tmp.unlink()
+def check_outputs(output_dir: str | Path, names: Sequence[str], overwrite: bool = False) -> Path:
+    """Fail now, before any work, if a file among ``names`` exists in ``output_dir`` (unless ``overwrite``)."""
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output-dir {folder} is a file; give a folder")
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"--output-dir {folder} already holds {', '.join(existing)}; choose a new folder or "
+                                "pass --overwrite to replace them (pvt-lightning never replaces your files unasked)")
+    for name in names:
+        check_output(folder / name, overwrite, flag="--output-dir")
+    return folder
 
 
 def write_outputs(output_dir: str | Path, files: dict[str, bytes | str], overwrite: bool = False) -> list[Path]:
-    """Write each ``name: content`` into ``output_dir``; refuses existing files unless ``overwrite``."""
-    existing = existing_outputs(output_dir, list(files))
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; choose another output folder or pass --overwrite")
-    written = []
-    for name, content in files.items():
-        path = Path(output_dir) / name
-        _write_new(path, content.encode() if isinstance(content, str) else content, overwrite)
-        written.append(path)
-    return written
+    """Write each ``name: content`` into ``output_dir``, atomically; refuses existing files unless ``overwrite``."""
+    folder = check_outputs(output_dir, list(files), overwrite)
+    return [write_file(folder / name, content, overwrite) for name, content in files.items()]
 
 
 # --- one evaluation, all files --------------------------------------------------------------------------------
 
 def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequence[str], class_names: Sequence[str],
                      *, calibrate: bool = False, target_precision: float | None = None,
-                     target_recall: float | None = None, split: str | None = None, checkpoint: str | None = None,
+                     target_recall: float | None = None, operating_point: OperatingPoint | None = None,
+                     split: str | None = None, checkpoint: str | None = None,
                      extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, bytes | str]]:
     """The report and every file of ``--evaluate`` (name -> content), from the logits (N, C) of one split.
 
     With ``calibrate`` the temperature is fitted on this split first; with a target, per-class thresholds
-    are chosen on the (calibrated) probabilities and ``operating_point.json`` is among the files.
-    ``extra`` (e.g. skipped images, TTA) is merged into report.json.
+    are chosen on the calibrated probabilities and ``operating_point.json`` is among the files. A given
+    ``operating_point`` (chosen on another split) is applied instead: its temperature and thresholds are
+    measured on this one. Accuracy, AP, log-loss, ECE and PR curves are of the model as is (T = 1);
+    ``calibration`` holds NLL and ECE after scaling. ``extra`` (skipped images, TTA) goes into report.json.
     """
     from .evaluation_plots import confusion_matrix_png, pr_curves_png, reliability_png
 
     logits, targets = logits.float().cpu(), targets.long().cpu()
-    temperature = fit_temperature(logits, targets) if calibrate else 1.0
+    point = operating_point
+    temperature = point.temperature if point else fit_temperature(logits, targets) if calibrate else 1.0
+    scaled = calibrate or point is not None
     probs = calibrated_probs(logits, temperature)
     report = {"checkpoint": checkpoint, "split": split, **(extra or {}),
               **classification_report(logits, targets, class_names)}
-    report["calibration"] = calibration_summary(logits, targets, temperature) if calibrate else None
-    point = operating = None
-    if target_precision is not None or target_recall is not None:
+    report["calibration"] = calibration_summary(logits, targets, temperature) if scaled else None
+    if point is None and (target_precision is not None or target_recall is not None):
         target = {"precision": target_precision} if target_precision is not None else {"recall": target_recall}
         thresholds = choose_thresholds(probs, targets, class_names, target_precision, target_recall)
         point = OperatingPoint(temperature, thresholds, target, split, checkpoint)
-        operating = operating_point_report(probs, targets, point)
+    operating = operating_point_report(probs, targets, point) if point else None
+    if operating_point is not None:
+        operating["chosen_on"] = {"split": point.split, "checkpoint": point.checkpoint}
     report["operating_point"] = operating
     decisions = decide(probs, list(point.thresholds.values())) if point else None
-    confusion = MulticlassConfusionMatrix(len(class_names))(probs, targets)
+    uncalibrated = calibrated_probs(logits)
     files: dict[str, bytes | str] = {
         "report.json": json.dumps(report, indent=2, allow_nan=True) + "\n",
         "per_class.csv": per_class_csv(report, operating),
         "predictions.csv": predictions_csv(paths, probs, class_names, targets, decisions),
-        "confusion_matrix.png": confusion_matrix_png(confusion, class_names),
-        "pr_curves.png": pr_curves_png(probs, targets, class_names),
-        "reliability.png": reliability_png(calibrated_probs(logits), targets, probs if calibrate else None,
-                                           temperature if calibrate else None),
+        "confusion_matrix.png": confusion_matrix_png(MulticlassConfusionMatrix(len(class_names))(probs, targets),
+                                                     class_names),
+        "pr_curves.png": pr_curves_png(uncalibrated, targets, class_names),
+        "reliability.png": reliability_png(uncalibrated, targets, probs if scaled else None,
+                                           temperature if scaled else None),
     }
-    if point is not None:
+    if point is not None and operating_point is None:
         files[OPERATING_POINT_FILE] = point.to_json()
     return report, files
 
 
 def evaluation_file_names(operating_point: bool) -> list[str]:
-    """The files ``evaluation_files`` returns, to check the output folder before any work starts."""
+    """The files ``evaluation_files`` returns (``operating_point``: one is chosen), to check the output folder first."""
     names = ["report.json", "per_class.csv", "predictions.csv", "confusion_matrix.png", "pr_curves.png",
              "reliability.png"]
     return names + [OPERATING_POINT_FILE] if operating_point else names
@@ -435,7 +478,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}")
     if report.get("operating_point"):
         op = report["operating_point"]
-        (metric, value), = op["target"].items()
+        (metric, value), = op["target"].items() if op["target"] else (("precision", float("nan")),)
+        held = [name for name, m in op["per_class"].items() if m[metric] is not None and m[metric] >= value]
+        if "chosen_on" in op:  # thresholds from another split, measured on this one
+            lines.append(f"operating point chosen on {op['chosen_on']['split']}: {len(held)}/{len(op['per_class'])} "
+                         f"classes have {metric} >= {value} here, coverage {op['coverage']:.3f}, accuracy on "
+                         f"decided {_number(op['decided_accuracy']) or '-'}")
+            return lines
         reached = len(op["per_class"]) - len(op["unreachable"])
         lines.append(f"operating point ({metric} >= {value}): {reached}/{len(op['per_class'])} classes reach it, "
                      f"coverage {op['coverage']:.3f}, accuracy on decided {_number(op['decided_accuracy']) or '-'}")

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .assembly import checked_trainer, make_datamodule, resolve_precision, say
 from .config import RunConfig, UsageError, parse_devices
+from .data.errors import DataError
 from .models.checkpoints import CheckpointError, read_state_dict_file
 from .rundir import atomic_open, check_output, write_file
 
@@ -43,40 +44,91 @@ def inference_trainer(config: RunConfig, **kwargs: Any) -> L.Trainer:
 
 
 def evaluate(config: RunConfig) -> int:
-    """Metrics of ``--evaluate CKPT`` on ``--split`` of ``--data``; ``--output`` also writes them as JSON."""
+    """``--evaluate CKPT``: logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
+    predictions, plots and (with a target) ``operating_point.json`` in ``--output-dir``."""
+    from .evaluation import LogitCollector, OperatingPoint, check_outputs, evaluation_file_names, evaluation_files, \
+        gather_predictions, summary_lines, write_outputs
+
+    checkpoint = Path(config.evaluate).expanduser()
+    targeted = config.target_precision is not None or config.target_recall is not None
+    output_dir = check_outputs(config.output_dir or default_evaluation_dir(checkpoint, config.split),
+                               evaluation_file_names(targeted), config.overwrite)
     output = check_output(config.output, config.overwrite) if config.output else None
-    module = load_classifier(config.evaluate)
+    module = load_classifier(checkpoint)
     config = with_checkpoint_input(config, module)
-    datamodule = make_datamodule(config, data_folder(config))
-    datamodule.setup("validate" if config.split == "val" else "test")
-    if list(datamodule.class_names) != list(module.hparams.class_names):
-        raise UsageError(f"--evaluate: the checkpoint's classes {list(module.hparams.class_names)} differ from "
-                         f"{datamodule.data_dir}'s {list(datamodule.class_names)}")
-    trainer = inference_trainer(config, devices=1, limit_val_batches=config.limit_val_batches,
-                                limit_test_batches=config.limit_val_batches)
-    run = trainer.validate if config.split == "val" else trainer.test
-    results = {k: float(v) for k, v in run(module, datamodule=datamodule, verbose=False)[0].items()}
+    data_dir = data_folder(config)
+    class_names = list(module.hparams.class_names)
+    point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
+    # test/ is a folder of its own; val may be a held-out fraction of one folder, which predict_dataloader covers.
+    datamodule = make_datamodule(config, data_dir, predict_dir=data_dir / "test" if config.split == "test" else None)
+    labels = dict(datamodule.samples(config.split))
+    if list(datamodule.class_names) != class_names:
+        raise UsageError(f"--evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
+                         f"{list(datamodule.class_names)}")
+    trainer = inference_trainer(config, devices=1, limit_predict_batches=config.limit_val_batches)
+    outputs = trainer.predict(LogitCollector(module, config.tta), datamodule=datamodule)
+    logits, paths = gather_predictions(outputs, len(class_names))
+    keep = [i for i, path in enumerate(paths) if path in labels]  # files outside the class folders have no class
+    if not keep:
+        raise DataError(f"no readable image of the {config.split} split of {data_dir} was evaluated")
+    paths = [paths[i] for i in keep]
+    targets = torch.tensor([labels[path] for path in paths])
+    skipped = sorted(set(datamodule.bad_image_paths()) & set(labels))
+    extra = {"data": str(data_dir), "tta": config.tta, "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
+    report, files = evaluation_files(logits[keep], targets, paths, class_names, calibrate=config.calibrate,
+                                     target_precision=config.target_precision, target_recall=config.target_recall,
+                                     operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra)
+    write_outputs(output_dir, files, config.overwrite)
     if output is not None:
-        write_file(output, json.dumps(results, indent=2) + "\n", overwrite=config.overwrite)
-    say(" | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+        write_file(output, files["report.json"], overwrite=config.overwrite)
+    for line in summary_lines(report):
+        say(line)
+    say(f"Wrote {', '.join(files)} to {output_dir}" + (f" ({len(skipped)} unreadable images skipped)" if skipped
+                                                      else ""))
+    if targeted:
+        say(f"Apply it: --predict DIR --checkpoint {checkpoint} --operating-point {output_dir / 'operating_point.json'}")
     return 0
 
 
+def default_evaluation_dir(checkpoint: Path, split: str) -> Path:
+    """``eval_<split>_<checkpoint name>`` in the checkpoint's run folder (next to the checkpoint elsewhere)."""
+    from .rundir import version_dir_of
+
+    return (version_dir_of(checkpoint) or checkpoint.parent) / f"eval_{split}_{checkpoint.stem}"
+
+
 def predict(config: RunConfig) -> int:
-    """Top-1 class, its probability and the top 5 for every image under ``--predict``, as a CSV."""
+    """Top-1 class, its probability and the top 5 for every image under ``--predict``, as a CSV.
+
+    ``--operating-point FILE`` applies its temperature and thresholds (probabilities become calibrated, a
+    ``decision`` column is added); without it, an ``operating_point.json`` next to the checkpoint only adds
+    the calibrated probability of the top class.
+    """
     from .data import ImageFolderDataModule
+    from .evaluation import LogitCollector, OperatingPoint, find_operating_point
 
     checkpoint = Path(config.checkpoint).expanduser()
     output = check_output(config.output or checkpoint.parent.parent / "predictions.csv", config.overwrite)
     module = load_classifier(checkpoint)
+    class_names = list(module.hparams.class_names)
+    point_file = Path(config.operating_point).expanduser() if config.operating_point else find_operating_point(checkpoint)
+    point = OperatingPoint.load(point_file, class_names) if point_file else None
+    if point is not None and not config.operating_point:
+        say(f"Found {point_file} next to the checkpoint: adding calibrated_probability (temperature "
+            f"{point.temperature:.3f}); pass --operating-point {point_file} to also apply its thresholds")
+    elif point is not None:
+        say(f"Applying {point_file}: temperature {point.temperature:.3f}, thresholds for "
+            f"{len(point.thresholds) - len(point.unreachable)}/{len(point.thresholds)} classes (target "
+            f"{point.target}); the others are never decided")
     config = with_checkpoint_input(config, module)
     datamodule = ImageFolderDataModule.for_prediction(
         Path(config.predict).expanduser(), img_size=tuple(config.img_size), batch_size=config.batch_size,
         num_workers=config.num_workers, crop_pct=config.crop_pct, bad_images=config.bad_images,
     )
-    writer = PredictionCsvWriter(output, list(module.hparams.class_names), overwrite=config.overwrite)
+    writer = PredictionCsvWriter(output, class_names, overwrite=config.overwrite, operating_point=point,
+                                 apply=bool(config.operating_point))
     trainer = inference_trainer(config, callbacks=[writer])
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    trainer.predict(LogitCollector(module, config.tta), datamodule=datamodule, return_predictions=False)
     if trainer.is_global_zero:
         rows = writer.finish(trainer.world_size)
         say(f"Predicted {rows} images -> {output}")
@@ -100,9 +152,6 @@ def data_folder(config: RunConfig) -> Path:
     return ensure_demo_dataset()
 
 
-PREDICTION_COLUMNS = ("path", "class", "probability", "top5")
-
-
 class PredictionCsvWriter(BasePredictionWriter):
     """Writes each predicted batch as CSV rows as it comes; every rank writes its own part, rank 0 joins them.
 
@@ -110,9 +159,13 @@ class PredictionCsvWriter(BasePredictionWriter):
     leaves nothing half-written. Paths are written as the OS gave them (undecodable bytes kept).
     """
 
-    def __init__(self, path: Path, class_names: Sequence[str], overwrite: bool = False):
+    def __init__(self, path: Path, class_names: Sequence[str], overwrite: bool = False, operating_point=None,
+                 apply: bool = False):
+        """``operating_point`` (an ``evaluation.OperatingPoint``): with ``apply``, decisions and calibrated
+        probabilities; without, one extra calibrated-probability column."""
         super().__init__(write_interval="batch")
         self.path, self.class_names, self.overwrite = Path(path), list(class_names), overwrite
+        self.operating_point, self.apply = operating_point, apply
         self._file = self._csv = None
         self.rows = 0
 
@@ -125,15 +178,15 @@ class PredictionCsvWriter(BasePredictionWriter):
                           errors="surrogateescape")
         self._csv = csv.writer(self._file)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: torch.Tensor, batch_indices, batch, batch_idx: int,
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        _, paths = batch
-        probs = prediction.float().cpu()
-        top_p, top_i = probs.topk(min(5, len(self.class_names)), dim=-1)
-        names = self.class_names
-        for path, p, i in zip(paths, top_p.tolist(), top_i.tolist()):
-            self._csv.writerow([path, names[i[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.4f}" for c, q in zip(i, p))])
-        self.rows += len(paths)
+        from .evaluation import prediction_rows
+
+        if prediction is None:  # every image of the batch was unreadable
+            return
+        self._csv.writerows(prediction_rows(prediction["paths"], prediction["logits"], self.class_names,
+                                            self.operating_point, self.apply))
+        self.rows += len(prediction["paths"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._file.close()
@@ -141,10 +194,12 @@ class PredictionCsvWriter(BasePredictionWriter):
 
     def finish(self, world_size: int) -> int:
         """Join the ranks' parts (dropping the duplicates a distributed sampler pads with) into the CSV."""
+        from .evaluation import prediction_columns
+
         seen, rows = set(), 0
         with atomic_open(self.path, "w", self.overwrite, newline="", encoding="utf-8", errors="surrogateescape") as f:
             out = csv.writer(f)
-            out.writerow(PREDICTION_COLUMNS)
+            out.writerow(prediction_columns(self.class_names, self.operating_point, self.apply))
             for rank in range(world_size):
                 part = self.part(rank)
                 with open(part, newline="", encoding="utf-8", errors="surrogateescape") as rows_in:

@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, log_loss, precision_recall_
 from torch.utils.tensorboard import SummaryWriter
 
 from pvt_lightning.data import DataError
+from pvt_lightning.rundir import OutputExistsError
 from pvt_lightning.evaluation import (
     OPERATING_POINT_FILE,
     OperatingPoint,
@@ -243,7 +244,7 @@ def test_existing_files_are_never_overwritten(tmp_path):
     (tmp_path / "report.json").write_text("mine")
     _, files = evaluation_files(logits, targets, [str(i) for i in range(len(targets))], names)
     assert set(files) == set(evaluation_file_names(operating_point=False))
-    with pytest.raises(FileExistsError, match="report.json"):
+    with pytest.raises(OutputExistsError, match="report.json.*--overwrite"):
         write_outputs(tmp_path, files)
     assert (tmp_path / "report.json").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # nothing written, no temp files left
@@ -311,3 +312,167 @@ def test_compare_per_class_reads_the_last_epoch_per_dataset(tmp_path, capsys):
     assert "| rare | 60.0 | 30.0 | 20.0 | 10.0 |" in markdown or "| rare | 20.0 | 10.0 | 60.0 | 30.0 |" in markdown
     printed = capsys.readouterr().out
     assert "P b5_64x64/version_0" in printed and "rare" in printed
+
+
+# --- end to end: a checkpoint trained through the entry point, then --evaluate and --predict in-process ----------
+
+CLASSES = ("a", "b", "c")
+CPU = ["--num-workers", "0", "--precision", "32", "--accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """b0 trained a few steps on 3 colour classes; a held-out test/ split (other seed) with one corrupt file."""
+    from conftest import make_image_folder
+    from pvt_lightning.cli import main
+
+    base = tmp_path_factory.mktemp("evaluation")
+    data = make_image_folder(base / "data", classes=CLASSES, per_class=8, size=(32, 32))
+    held_out = make_image_folder(base / "held_out", classes=CLASSES, per_class=8, size=(32, 32), seed=1)
+    (held_out / "val").rename(data / "test")
+    (data / "test" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["--variant", "b0", "--img-size", "32", "32", *CPU, "--data", str(data), "--batch-size", "8",
+                 "--epochs", "1", "--limit-train-batches", "4", "--lr", "1e-3", "--logdir", str(base / "runs"),
+                 "--name", "b0"]) == 0
+    checkpoint = base / "runs" / "b0" / "version_0" / "checkpoints" / "last.ckpt"
+    return data, checkpoint
+
+
+def run_main(*args: str) -> int:
+    from pvt_lightning.cli import main
+
+    return main([*args, *CPU])
+
+
+def test_evaluate_writes_every_file_from_a_real_checkpoint(trained, tmp_path, capsys):
+    data, checkpoint = trained
+    out = tmp_path / "eval"
+    assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--split", "test", "--output-dir", str(out),
+                    "--calibrate", "--target-precision", "0.6") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(evaluation_file_names(operating_point=True))
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "test" and report["checkpoint"] == str(checkpoint)
+    assert report["skipped_images"] == 1 and report["skipped_paths"][0].endswith("broken.jpg")
+    predictions = read_rows(out / "predictions.csv")
+    assert len(predictions) == report["num_images"] == 3 * 8  # the corrupt file is counted, not predicted
+    assert {Path(row["path"]).parent.parent for row in predictions} == {data / "test"}
+    # per_class.csv is scikit-learn's precision_recall_fscore_support of predictions.csv
+    per_class = read_rows(out / "per_class.csv")
+    precision, recall, f1, support = precision_recall_fscore_support(
+        [row["true_class"] for row in predictions], [row["predicted_class"] for row in predictions],
+        labels=list(CLASSES), zero_division=0)
+    for i, row in enumerate(per_class):
+        assert row["class"] == CLASSES[i] and int(row["support"]) == support[i] == 8
+        assert [float(row[k]) for k in ("precision", "recall", "f1")] == pytest.approx(
+            [precision[i], recall[i], f1[i]], abs=1e-6)
+    # temperature scaling did not raise the NLL of the split it was fitted on (the library test shows it lowers it)
+    calibration = report["calibration"]
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    # thresholds give at least the target precision on this split, on the calibrated probabilities written
+    point = json.loads((out / OPERATING_POINT_FILE).read_text())
+    assert point["temperature"] == calibration["temperature"] and point["split"] == "test"
+    probs = probability_matrix(predictions, CLASSES).astype(np.float32)
+    true = np.array([CLASSES.index(row["true_class"]) for row in predictions])
+    for i, name in enumerate(CLASSES):
+        if point["thresholds"][name] is not None:
+            assert precision_at(probs[:, i], true == i, np.float32(point["thresholds"][name])) >= 0.6
+    assert any(t is not None for t in point["thresholds"].values())
+    for plot in ("confusion_matrix.png", "pr_curves.png", "reliability.png"):
+        with Image.open(out / plot) as image:
+            image.load()
+    printed = capsys.readouterr().out
+    assert "calibration: T" in printed and f"--operating-point {out / OPERATING_POINT_FILE}" in printed
+
+
+def test_predict_with_the_operating_point_decides_by_its_thresholds(trained, tmp_path, capsys):
+    data, checkpoint = trained
+    out = tmp_path / "eval"
+    assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--split", "val", "--output-dir", str(out),
+                    "--calibrate", "--target-precision", "0.5") == 0
+    point = json.loads((out / OPERATING_POINT_FILE).read_text())
+    csv_path = tmp_path / "predicted.csv"
+    assert run_main("--predict", str(data / "val"), "--checkpoint", str(checkpoint), "--operating-point",
+                    str(out / OPERATING_POINT_FILE), "--output", str(csv_path)) == 0
+    assert "Applying" in capsys.readouterr().out
+    rows = read_rows(csv_path)
+    assert list(rows[0])[:5] == ["path", "class", "probability", "decision", "top5"]
+    probs = probability_matrix(rows, CLASSES).astype(np.float32)
+    limits = np.array([np.inf if point["thresholds"][n] is None else point["thresholds"][n] for n in CLASSES],
+                      dtype=np.float32)
+    cleared = probs >= limits
+    expected = [CLASSES[int(np.where(c, p, -1).argmax())] if c.any() else "abstain" for p, c in zip(probs, cleared)]
+    assert [row["decision"] for row in rows] == expected
+    assert [float(row["probability"]) for row in rows] == pytest.approx(probs.max(1).tolist(), abs=1e-7)
+    # the calibrated probabilities are the ones --evaluate saw for the same images
+    evaluated = {row["path"]: row for row in read_rows(out / "predictions.csv")}
+    assert len(evaluated) == len(rows)
+    for row in rows:
+        assert [float(row[f"prob_{n}"]) for n in CLASSES] == pytest.approx(
+            [float(evaluated[row["path"]][f"prob_{n}"]) for n in CLASSES], abs=1e-5)
+
+
+def test_predict_uses_an_operating_point_next_to_the_checkpoint(trained, tmp_path, capsys):
+    data, checkpoint = trained
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    (folder / "model.ckpt").write_bytes(checkpoint.read_bytes())
+    (folder / OPERATING_POINT_FILE).write_text(OperatingPoint(2.0, {n: 0.5 for n in CLASSES}).to_json())
+    csv_path = tmp_path / "predicted.csv"
+    assert run_main("--predict", str(data / "val"), "--checkpoint", str(folder / "model.ckpt"), "--output",
+                    str(csv_path)) == 0
+    assert f"Found {folder / OPERATING_POINT_FILE}" in capsys.readouterr().out
+    rows = read_rows(csv_path)
+    assert list(rows[0]) == ["path", "class", "probability", "top5", "calibrated_probability"]
+    for row in rows:  # T = 2 > 1 flattens the softmax: the top class's probability drops towards 1/3
+        assert 1 / 3 - 1e-6 <= float(row["calibrated_probability"]) <= float(row["probability"]) + 1e-6
+
+
+def test_tta_makes_predictions_invariant_to_a_horizontal_flip(trained, tmp_path):
+    """Mean of the logits of x and flip(x): flipping every input image cannot change it (lossless PNGs, no crop)."""
+    import cv2
+
+    data, checkpoint = trained
+    for name in ("plain", "flipped"):
+        (tmp_path / name).mkdir()
+    for path in sorted((data / "val" / "a").glob("*.jpg"))[:4]:
+        image = cv2.imread(str(path))
+        image[:, :16] //= 2  # a left/right asymmetric picture
+        cv2.imwrite(str(tmp_path / "plain" / f"{path.stem}.png"), image)
+        cv2.imwrite(str(tmp_path / "flipped" / f"{path.stem}.png"), np.ascontiguousarray(image[:, ::-1]))
+    probabilities = {}
+    for name in ("plain", "flipped"):
+        for tta in (False, True):
+            out = tmp_path / f"{name}_{tta}.csv"
+            assert run_main("--predict", str(tmp_path / name), "--checkpoint", str(checkpoint), "--output", str(out),
+                            "--crop-pct", "1.0", *(["--tta"] if tta else [])) == 0
+            rows = read_rows(out)
+            probabilities[name, tta] = {Path(r["path"]).name: float(r["probability"]) for r in rows}
+    assert probabilities["plain", True] == pytest.approx(probabilities["flipped", True], abs=1e-5)
+    assert probabilities["plain", False] != pytest.approx(probabilities["flipped", False], abs=1e-5)
+
+
+def test_evaluate_refuses_existing_files_before_any_work(trained, tmp_path, capsys):
+    data, checkpoint = trained
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "per_class.csv").write_text("mine\n")
+    assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--output-dir", str(out)) == 2
+    error = capsys.readouterr().err
+    assert "per_class.csv" in error and "--overwrite" in error and "Traceback" not in error
+    assert [p.name for p in out.iterdir()] == ["per_class.csv"] and (out / "per_class.csv").read_text() == "mine\n"
+    assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--output-dir", str(out), "--overwrite") == 0
+    assert read_rows(out / "per_class.csv")[0]["class"] == "a"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-precision", "0.9", "--target-recall", "0.9"], "give one of them"),
+    (["--target-precision", "1.5"], "--target-precision"),
+    (["--operating-point", "op.json", "--calibrate"], "brings its own temperature"),
+])
+def test_flag_mistakes_exit_2_with_one_message(trained, tmp_path, capsys, args, message):
+    data, checkpoint = trained
+    assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                    *args) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "o").exists()
