@@ -113,13 +113,31 @@ def claim_version(run_root: Path) -> Path:
 
 
 def shared_version_dir(run_root: Path) -> Path:
-    """The version folder of this run: claimed by the launching process, inherited by DDP worker processes."""
+    """The version folder of this run: claimed by the launching process, inherited by DDP worker processes,
+    and found again by a requeued SLURM job (which reruns the same command)."""
     inherited = os.environ.get(RUN_VERSION_ENV)
     if inherited is not None:
         return run_root / f"version_{inherited}"
-    folder = claim_version(run_root)
+    job = os.environ.get("SLURM_JOB_ID")
+    folder = slurm_job_folder(run_root, job) if job else None
+    if folder is None:
+        folder = claim_version(run_root)
+        if job:
+            (folder / SLURM_JOB_FILE).write_text(job + "\n")
     os.environ[RUN_VERSION_ENV] = VERSION.fullmatch(folder.name).group(1)
     return folder
+
+
+SLURM_JOB_FILE = ".slurm_job_id"
+
+
+def slurm_job_folder(run_root: Path, job: str) -> Path | None:
+    """The version folder this SLURM job claimed before it was requeued, if any."""
+    for number in reversed(versions(run_root)):
+        marker = run_root / f"version_{number}" / SLURM_JOB_FILE
+        if marker.is_file() and marker.read_text().strip() == job:
+            return marker.parent
+    return None
 
 
 def release_version_env() -> None:
@@ -146,7 +164,7 @@ def version_dir_of(checkpoint: Path) -> Path | None:
 
 def remove_if_empty_run(folder: Path) -> None:
     """Remove a claimed version folder that holds nothing but what we wrote before the run failed to start."""
-    leftovers = [p for p in folder.rglob("*") if p.is_file() and p.name != "hparams.yaml"]
+    leftovers = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("hparams.yaml", SLURM_JOB_FILE)]
     if not leftovers:
         shutil.rmtree(folder, ignore_errors=True)
 

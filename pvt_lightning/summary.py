@@ -14,7 +14,9 @@ from typing import Any, Iterable, Sequence
 
 SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"
-MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb", "memory/peak_rss_mb")
+METRICS_CSV = "metrics.csv"
+"""What ``--logger csv`` writes instead of event files (Lightning's CSVLogger)."""
+MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb", "memory/peak_pss_mb", "memory/peak_rss_mb")
 """In order of preference for the table's one memory figure (reserved is what nvidia-smi shows)."""
 
 COLUMNS = ("run", "model", "input", "params_m", "gmacs", "epoch_time_s", "peak_memory_mb", "memory_device",
@@ -31,6 +33,7 @@ def find_runs(logdir: str | Path, filter: str | None = None) -> list[Path]:
         raise FileNotFoundError(f"log directory {logdir} does not exist; pass the --logdir your runs were written to")
     candidates = {path.parent for path in logdir.rglob(SUMMARY_FILE)}
     candidates |= {path.parent for path in logdir.rglob(EVENTS_GLOB)}
+    candidates |= {path.parent for path in logdir.rglob(METRICS_CSV)}
     runs = sorted(candidates)
     if filter:
         runs = [run for run in runs if filter in run.relative_to(logdir).as_posix()]
@@ -44,13 +47,28 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, Series]:
-    """Every (or the given) scalar tag of the run's event files, as ``[(step, value), ...]`` in step order."""
+    """Every (or the given) scalar tag of the run's event files (or metrics.csv), as ``[(step, value), ...]``."""
+    if not list(Path(run_dir).glob(EVENTS_GLOB)) and (Path(run_dir) / METRICS_CSV).is_file():
+        return _csv_scalars(Path(run_dir) / METRICS_CSV, tags)
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0}).Reload()  # 0: keep every point
     available = accumulator.Tags()["scalars"]
     wanted = available if tags is None else [tag for tag in tags if tag in available]
     return {tag: sorted((event.step, event.value) for event in accumulator.Scalars(tag)) for tag in wanted}
+
+
+def _csv_scalars(path: Path, tags: Iterable[str] | None) -> dict[str, Series]:
+    """Lightning's metrics.csv: one row per logging call, the step in ``step``, blanks where a tag was not logged."""
+    series: dict[str, Series] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for tag, value in row.items():
+                if tag not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(tag, []).append((step, float(value)))
+    wanted = series if tags is None else [tag for tag in tags if tag in series]
+    return {tag: sorted(series[tag]) for tag in wanted}
 
 
 def epoch_series(scalars: dict[str, Series], tag: str) -> Series:

@@ -105,6 +105,10 @@ def test_csv_logger_writes_metrics_and_keeps_hparams(data, tmp_path):
     assert summary["best"]["metric"] == "val/recall/a" and 0 <= summary["best"]["value"] <= 1
     assert summary["memory_measure"] == "cpu_process_tree_pss" and summary["peak_pss_mb"] > 0
     assert "recall_a" in Path(summary["checkpoints"]["best"]).name
+    from pvt_lightning.summary import load_scalars, runs_table
+
+    assert load_scalars(run_dir)["val/acc"] == [(0, pytest.approx(summary["metrics"]["val/acc"]))]
+    assert runs_table(tmp_path / "runs")[0]["accuracy"] == pytest.approx(summary["metrics"]["val/acc"])
 
 
 def test_per_class_monitor_must_name_a_class(data, tmp_path, capsys):
@@ -120,6 +124,22 @@ def test_evaluate_refuses_to_overwrite_the_checkpoint(data, tmp_path, capsys):
     before = last.read_bytes()
     assert main(["--evaluate", str(last), "--data", str(data), "--output", str(last), "--num-workers", "0"]) == 2
     assert "already exists" in capsys.readouterr().err and last.read_bytes() == before
+
+
+def test_slurm_requeue_reuses_the_jobs_version_folder(tmp_path, monkeypatch):
+    """A requeued SLURM job reruns the same command: it must find its hpc_ckpt in the same run folder."""
+    from pvt_lightning.rundir import open_run
+
+    config = parse_config(["--logdir", str(tmp_path), "--name", "job", "--img-size", "32", "32"])
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first = open_run(config).run_dir
+    release_version_env()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert open_run(config).run_dir == first
+    release_version_env()
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    assert open_run(config).run_dir != first
+    release_version_env()
 
 
 def test_concurrent_claims_get_distinct_versions(tmp_path):
