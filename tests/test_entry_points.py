@@ -151,3 +151,34 @@ def test_concurrent_claims_get_distinct_versions(tmp_path):
         thread.join()
     assert len({p.name for p in claimed}) == 8 and all(p.is_dir() for p in claimed)
     release_version_env()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_says_why(data, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / "train" / "a" / "000.jpg").write_bytes(b"not a jpeg")
+    assert main([*TINY, "--batch-size", "4", "--data", str(broken), "--logdir", str(tmp_path / "runs"), "--name",
+                 "broken", "--bad-images", "error"]) == 2
+    assert "000.jpg" in capsys.readouterr().err
+    failed = (tmp_path / "runs" / "broken" / "version_0" / "failed.txt").read_text()
+    assert "before its first checkpoint" in failed and "000.jpg" in failed
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_under_one_name_get_two_folders(data, tmp_path):
+    import subprocess
+    import sys
+
+    run = [sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / "run.py"), *TINY,
+           "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name", "same"]
+    procs = [subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    folders = sorted(p.name for p in (tmp_path / "runs" / "same").iterdir())
+    assert folders == ["version_0", "version_1"]
+    for folder in folders:
+        run_dir = tmp_path / "runs" / "same" / folder
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1, "each run writes only its own events"
+        assert json.loads((run_dir / "summary.json").read_text())["checkpoints"]["last"].startswith(str(run_dir))
