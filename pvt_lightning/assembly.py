@@ -28,7 +28,8 @@ def make_datamodule(config: RunConfig, data_dir: Path, augment: str | None = Non
     return ImageFolderDataModule(
         data_dir, img_size=tuple(config.img_size), batch_size=config.batch_size, num_workers=config.num_workers,
         val_split=config.val_split, seed=config.seed, augment=augment or config.augment or "basic",
-        crop_pct=config.crop_pct, bad_images=config.bad_images, verify_images=config.verify_images, **overrides,
+        crop_pct=config.crop_pct, bad_images=config.bad_images, verify_images=config.verify_images,
+        max_image_pixels=config.max_image_pixels, **overrides,
     )
 
 

@@ -7,6 +7,7 @@ way a run can stop early into a ``RunStopped`` (a message and an exit status) in
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import signal
 import time
@@ -24,6 +25,9 @@ EXIT_SIGTERM = 128 + signal.SIGTERM
 """Exit status after a SIGTERM stop (the shell's convention for 'terminated'): the run can be resumed."""
 EXIT_TRAINING_FAULT = 3
 """Exit status when training stopped on a numerical fault or out of memory (1 stays for crashes with tracebacks)."""
+EXIT_USER_ERROR = 2
+"""Exit status for a problem the user fixes outside the program: here, a disk that is full or not writable."""
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class RunStopped(Exception):
@@ -102,7 +106,10 @@ class StopOnNonFiniteLoss(Callback):
 
 @contextmanager
 def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None]:
-    """Run ``trainer.fit`` in this: SIGTERM, NaN loss and out-of-memory become clear messages."""
+    """Run ``trainer.fit`` in this: SIGTERM, NaN loss, out-of-memory and a full or read-only disk become clear
+    messages. (A failed checkpoint save is already a ``CheckpointSaveError``, exit status 2, and passes through.)"""
+    from .checkpointing import save_error_message
+
     try:
         yield
     except SIGTERMException:
@@ -111,6 +118,10 @@ def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None
         raise RunStopped(non_finite_message(err, trainer, args), EXIT_TRAINING_FAULT) from None
     except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError (torch >= 2.5)
         raise RunStopped(out_of_memory_message(args), EXIT_TRAINING_FAULT) from None
+    except OSError as err:  # e.g. Lightning writing hparams.yaml, or removing an old best checkpoint
+        if err.errno not in _DISK_ERRNOS or not err.filename:
+            raise
+        raise RunStopped(save_error_message(err.filename, err), EXIT_USER_ERROR) from None
 
 
 def _saver(trainer: L.Trainer) -> LastCheckpointSaver | None:

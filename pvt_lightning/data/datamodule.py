@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -16,9 +17,11 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from .dataset import BAD_IMAGE_POLICIES, BadImageLog, CollateDroppingBad, ImageDataset, worker_init
-from .decode import read_image
-from .errors import BadImageError, DataError
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from .errors import BadImageError, DataError, printable
 from .folders import Sample, check_enough_classes, list_images, scan_split, stratified_split
+from .gpu_augment import AUGMENT_DEVICES, DeviceAugment, ShrinkToFit, UncroppedImages, collate_uncropped, \
+    resolve_augment_device
 from .sampling import SAMPLERS, ClassBalancedSampler
 from .transforms import eval_transform, resize_target, train_transform
 
@@ -40,6 +43,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``on_after_batch_transfer`` hook turns batches into normalised float32 on the device, so a
     LightningModule receives ``(images float (B, 3, H, W), targets int64 (B,))``, and predict batches
     ``(images, paths)``. ``img_size`` is (height, width); non-square sizes work.
+
+    Unreadable images (corrupt, not regular files, over the ``max_image_pixels`` budget) follow
+    ``bad_images``: "skip" leaves them out and counts them (``bad_image_paths``, ``bad_images_report``),
+    "error" stops with the path. Under "skip", batches can shrink, and an evaluation or prediction batch
+    of bad files only is None (skipped); a class or split left with no readable image is a DataError.
+    ``bad_images_file``: where the list of skipped files is kept (appended, one path per line, created
+    at the first one); without it the list lives in a temporary file removed with this object.
     """
 
     def __init__(
@@ -60,9 +70,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         predict_dir: str | Path | None = None,
         sampler: str = "none",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        bad_images_file: str | Path | None = None,
+        augment_device: str = "auto",
     ) -> None:
         """See the class docstring; ``num_workers`` defaults to min(4, CPUs), ``pin_memory`` to CUDA availability,
-        ``crop_scale`` is RandomResizedCrop's area range, ``predict_dir`` a folder (flat or nested) to predict."""
+        ``crop_scale`` is RandomResizedCrop's area range, ``predict_dir`` a folder (flat or nested) to predict,
+        ``max_image_pixels`` the pixel budget per image, checked from each file's header (0 or None: no limit)."""
         super().__init__()
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
         self.img_size = _as_hw(img_size)
@@ -84,15 +98,24 @@ class ImageFolderDataModule(L.LightningDataModule):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler  # training: "none" shuffles, "balanced"/"sqrt" rebalance classes (sampling.py)
+        if max_image_pixels is not None and max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be a number of pixels (0 or None: no limit), got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels or None
         train_transform(self.img_size, augment, self.crop_scale)  # fail on a bad augment name now, not in a worker
+        if augment_device not in AUGMENT_DEVICES:
+            raise ValueError(f"augment_device must be one of {AUGMENT_DEVICES}, got {augment_device!r}")
+        self.augment_device = augment_device  # training augmentation: "cpu" workers, "gpu" per batch (gpu_augment.py)
+        self._device_augment: DeviceAugment | None = None
         eval_transform(self.img_size, crop_pct)
 
-        # Where worker processes record the bad files they meet; removed with this object.
+        # Where worker processes record the bad files they meet: the user's file, or one removed with this object.
         log_dir = tempfile.mkdtemp(prefix="pvt_lightning_bad_images_")
         weakref.finalize(self, shutil.rmtree, log_dir, ignore_errors=True)
         self._bad_log = BadImageLog(Path(log_dir) / "bad_images.txt")
-        self._verify_bad: list[str] = []
+        if bad_images_file is not None:
+            self.bad_images_file = bad_images_file
         self._class_names: list[str] | None = None
+        self._predict_list: list[Sample] | None = None
         self._splits: dict[str, list[Sample]] = {}
         self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -190,41 +213,71 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Decode every file once, in parallel (OpenCV releases the GIL), and keep only the readable ones."""
         paths = [path for samples in splits.values() for path, _ in samples]
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-            problems = [p for p in pool.map(_decode_problem, paths) if p is not None]
+            problems = [p for p in pool.map(partial(_decode_problem, max_pixels=self.max_image_pixels), paths) if p]
         bad = {error.path: error.reason for error in problems}
         if bad and self.bad_images == "error":
-            listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:20])
+            listing = "\n".join(f"  {printable(path)}: {reason}" for path, reason in sorted(bad.items())[:20])
             raise DataError(f"{len(bad)} unreadable image(s) found by verify_images (showing up to 20):\n{listing}\n"
                             "delete or replace them, or use bad_images='skip' to train without them")
-        for path, reason in sorted(bad.items()):
-            log.warning("excluding unreadable image %s: %s", path, reason)
-        self._verify_bad = sorted(bad)
+        for error in sorted(problems, key=lambda e: e.path):
+            log.warning("excluding unreadable image %s: %s", printable(error.path), error.reason)
+            self._bad_log.add(error, warn=False)
         kept = {split: [s for s in samples if s[0] not in bad] for split, samples in splits.items()}
         for split, samples in kept.items():
             empty = sorted(set(range(len(names))) - {label for _, label in samples})
             if empty:
+                folders = {label: os.path.dirname(path) for path, label in splits[split]}
                 raise DataError(f"after excluding unreadable images, class folder(s) "
-                                f"{', '.join(str(self.data_dir / split / names[i]) for i in empty)} have no images left")
+                                f"{', '.join(printable(folders[i]) for i in empty)} have no images left "
+                                f"({split} split); {self._bad_log.where()}")
         return kept
 
     def _predict_samples(self) -> list[Sample]:
-        folder = self.predict_dir
-        if not folder.is_dir():
-            raise DataError(f"prediction folder {folder} does not exist or is not a folder")
-        paths = list_images(folder)
-        if not paths:
-            raise DataError(f"no images found under {folder} (looked recursively for image file extensions)")
-        return [(path, -1) for path in paths]
+        if self._predict_list is None:
+            folder = self.predict_dir
+            if not folder.is_dir():
+                raise DataError(f"prediction folder {folder} does not exist or is not a folder")
+            paths = list_images(folder)
+            if not paths:
+                raise DataError(f"no images found under {folder} (looked recursively for image file extensions)")
+            self._predict_list = [(path, -1) for path in paths]
+        return self._predict_list
+
+    @property
+    def bad_images_file(self) -> Path | None:
+        """The kept list of skipped images (None: a temporary one). Set it before the loaders are built;
+        paths recorded so far (by ``verify_images``) are copied into it."""
+        return self._bad_log.file if self._bad_log.keep else None
+
+    @bad_images_file.setter
+    def bad_images_file(self, path: str | Path) -> None:
+        kept = BadImageLog(Path(path).expanduser(), keep=True)
+        for old in self._bad_log.paths():
+            kept.add(BadImageError(old, ""), warn=False)
+        self._bad_log = kept
 
     def bad_image_paths(self) -> list[str]:
         """Every file found unreadable so far (by ``verify_images`` or by any worker process), sorted."""
-        return sorted(set(self._verify_bad) | set(self._bad_log.paths()))
+        return self._bad_log.paths()
+
+    def bad_images_report(self) -> str | None:
+        """One line for the end of a run: how many images were skipped and where they are listed; None if none."""
+        paths = self.bad_image_paths()
+        if not paths:
+            return None
+        return f"skipped {len(paths)} unreadable image(s) (bad_images='skip'); {self._bad_log.where()}"
 
     # ----------------------------------------------------------------------------- data loaders
 
     def train_dataloader(self) -> DataLoader:
         transform = train_transform(self.img_size, self.augment, self.crop_scale, seed=self.seed)
-        return self._loader(self.samples("train"), transform, train=True, sampler=self._train_sampler())
+        if self.train_augment_device() == "gpu":  # workers only decode; on_after_batch_transfer augments
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self._device_augment = DeviceAugment(transform, self.mean, self.std, seed=self.seed + 7919 * rank)
+            max_side = 2 * max(resize_target(self.img_size, self.crop_pct))  # as far as reduced decoding goes
+            return self._loader("train", self.samples("train"), ShrinkToFit(max_side), train=True,
+                                sampler=self._train_sampler(), collate=collate_uncropped)
+        return self._loader("train", self.samples("train"), transform, train=True, sampler=self._train_sampler())
 
     def _train_sampler(self) -> ClassBalancedSampler | None:
         """The class-rebalancing sampler, if any; it splits its draws across DDP ranks itself, so Lightning keeps it."""
@@ -235,20 +288,26 @@ class ImageFolderDataModule(L.LightningDataModule):
                                     rank=rank, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.samples("val"), eval_transform(self.img_size, self.crop_pct))
+        return self._loader("val", self.samples("val"), eval_transform(self.img_size, self.crop_pct))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.samples("test"), eval_transform(self.img_size, self.crop_pct))
+        return self._loader("test", self.samples("test"), eval_transform(self.img_size, self.crop_pct))
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of ``(images, paths)`` over ``predict_dir``, or over the val split when there is none."""
-        samples = self._predict_samples() if self.predict_dir is not None else self.samples("val")
-        return self._loader(samples, eval_transform(self.img_size, self.crop_pct), with_paths=True)
+        """Batches of ``(images, paths)`` over ``predict_dir``, or over the val split when there is none
+        (None for a batch whose every image was unreadable)."""
+        if self.predict_dir is not None:
+            split, samples = "predict", self._predict_samples()
+        else:
+            split, samples = "val", self.samples("val")
+        return self._loader(split, samples, eval_transform(self.img_size, self.crop_pct), with_paths=True)
 
-    def _loader(self, samples: list[Sample], transform, train: bool = False, with_paths: bool = False,
-                sampler: ClassBalancedSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, samples: list[Sample], transform, train: bool = False,
+                with_paths: bool = False, sampler: ClassBalancedSampler | None = None, collate=None) -> DataLoader:
         dataset = ImageDataset(samples, transform, self._bad_log, self.bad_images, replace_bad=train,
-                               with_paths=with_paths, min_side=max(resize_target(self.img_size, self.crop_pct)))
+                               with_paths=with_paths, min_side=max(resize_target(self.img_size, self.crop_pct)),
+                               max_pixels=self.max_image_pixels, split=split,
+                               class_names=None if split == "predict" else self._class_names)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -259,15 +318,25 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             worker_init_fn=worker_init,
-            collate_fn=default_collate if train else CollateDroppingBad(self.img_size, with_paths),
+            collate_fn=collate or (default_collate if train else CollateDroppingBad()),  # train batches keep their size
         )
 
     # ---------------------------------------------------------------- normalisation on the device
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images -> normalised float32, after the (4x smaller) uint8 batch reached the device."""
+        if batch is None:  # every image of the batch was unreadable
+            return None
         images, *rest = batch
+        if isinstance(images, UncroppedImages):  # the GPU path's training batches: crop, flip, colour, normalise here
+            return (self._device_augment(images), *rest)
         return (self.normalize(images), *rest)
+
+    def train_augment_device(self) -> str:
+        """Where training augmentation runs: "gpu" (per batch on the device) or "cpu" (in the loader workers);
+        ``augment_device="auto"`` picks the GPU path when the Trainer (or, without one, this machine) uses CUDA."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        return resolve_augment_device(self.augment_device, device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) in 0..255 -> float32 (B, 3, H, W), (x / 255 - mean) / std, on the images' device."""
@@ -288,9 +357,9 @@ def _as_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-def _decode_problem(path: str) -> BadImageError | None:
+def _decode_problem(path: str, max_pixels: int | None) -> BadImageError | None:
     try:
-        read_image(path)
+        read_image(path, max_pixels=max_pixels)
     except BadImageError as error:
         return error
     return None

@@ -7,15 +7,16 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .decode import read_image
-from .errors import BadImageError, DataError
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from .errors import PATH_ERRORS, BadImageError, DataError, printable
 from .folders import Sample
 
 log = logging.getLogger("pvt_lightning.data")
@@ -28,24 +29,44 @@ class BadImageLog:
     """Paths of undecodable images, shared by all worker processes through an append-only text file.
 
     A line of a few hundred bytes appended with O_APPEND lands whole even when two workers write at
-    once, so no lock is needed; each path is logged (warning) and written once.
+    once, so no lock is needed; each path is logged (warning) and written once. The file holds one
+    path per line, in the exact bytes of the OS's name (``PATH_ERRORS``). ``keep``: the file is the
+    user's (e.g. ``bad_images.txt`` in the run folder) and messages may point to it; otherwise it is a
+    temporary file, and messages list the paths themselves.
     """
 
-    def __init__(self, file: str | Path) -> None:
+    def __init__(self, file: str | Path, keep: bool = False) -> None:
         self.file = Path(file)
+        self.keep = keep
 
     def paths(self) -> list[str]:
         if not self.file.exists():
             return []
-        return sorted(set(self.file.read_text(encoding="utf-8").splitlines()))
+        return sorted(set(self.file.read_text(encoding="utf-8", errors=PATH_ERRORS).splitlines()))
 
-    def add(self, error: BadImageError) -> None:
+    def add(self, error: BadImageError, warn: bool = True) -> bool:
+        """Record ``error.path``; False if it was already recorded."""
         if error.path in self.paths():
-            return
-        log.warning("skipping unreadable image %s: %s (bad_images='skip'; use 'error' to stop instead)",
-                    error.path, error.reason)
-        with open(self.file, "a", encoding="utf-8") as handle:
-            handle.write(error.path.replace("\n", " ") + "\n")
+            return False
+        if warn:
+            log.warning("skipping unreadable image %s: %s (bad_images='skip'; use 'error' to stop instead)",
+                        printable(error.path), error.reason)
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.file, "a", encoding="utf-8", errors=PATH_ERRORS) as handle:
+                handle.write(error.path.replace("\n", " ") + "\n")
+        except OSError as err:
+            raise DataError(f"cannot record the unreadable image {printable(error.path)} in {printable(self.file)}: "
+                            f"{err.strerror}; make room on that disk or choose another bad-images file") from None
+        return True
+
+    def where(self, limit: int = 5) -> str:
+        """Where the user finds the list: the kept file, or the first ``limit`` paths."""
+        if self.keep:
+            return f"the full list is in {printable(self.file)}"
+        paths = self.paths()
+        more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+        return "they are " + ", ".join(printable(p) for p in paths[:limit]) + more
 
 
 class ImageDataset(Dataset):
@@ -54,7 +75,9 @@ class ImageDataset(Dataset):
     Bad files: ``bad_images="error"`` raises a DataError naming the path. ``"skip"`` records the path
     in ``bad_log`` and, if ``replace_bad``, returns another sample instead (training keeps its batch
     size) or else returns None, which ``CollateDroppingBad`` removes from the batch (evaluation
-    and prediction neither count nor name an image twice).
+    and prediction neither count nor name an image twice). When the last readable image of a class
+    (or, for unlabelled samples, of the whole set) turns out bad, a DataError names the class and
+    its folder: training on would give that class 0 accuracy without a word.
     """
 
     def __init__(
@@ -66,6 +89,9 @@ class ImageDataset(Dataset):
         replace_bad: bool = False,
         with_paths: bool = False,
         min_side: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        split: str = "",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
@@ -76,7 +102,11 @@ class ImageDataset(Dataset):
         self.replace_bad = replace_bad
         self.with_paths = with_paths
         self.min_side = min_side
+        self.max_pixels = max_pixels
+        self.split = split
+        self.class_names = list(class_names) if class_names is not None else None
         self._known_bad: set[int] = set()
+        self._paths_by_label: dict[int, list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -90,18 +120,37 @@ class ImageDataset(Dataset):
                 return self._load(candidate)
             except BadImageError as error:
                 if self.bad_images == "error":
-                    raise DataError(f"cannot decode image {error.path}: {error.reason}; delete or replace the "
-                                    "file, or use bad_images='skip' to skip unreadable files") from None
+                    raise DataError(f"cannot decode image {printable(error.path)}: {error.reason}; delete or "
+                                    "replace the file, or use bad_images='skip' to skip unreadable files") from None
                 self._known_bad.add(candidate)
-                self.bad_log.add(error)
+                if self.bad_log.add(error):
+                    self._check_class_left(self.samples[candidate][1])
                 if not self.replace_bad:
                     return None
-        raise DataError(f"{_MAX_REPLACEMENTS} images in a row failed to decode near {self.samples[index][0]}; "
-                        f"the dataset looks broken (see {self.bad_log.file})")
+        raise DataError(f"{_MAX_REPLACEMENTS} images in a row failed to decode near "
+                        f"{printable(self.samples[index][0])} in the {self.split or 'data'} split; the dataset looks "
+                        f"broken ({self.bad_log.where()})")
+
+    def _check_class_left(self, label: int) -> None:
+        """DataError if every image of ``label`` is now known to be bad (read from the log all workers share)."""
+        if self._paths_by_label is None:
+            self._paths_by_label = defaultdict(list)
+            for path, sample_label in self.samples:
+                self._paths_by_label[sample_label].append(path)
+        paths = self._paths_by_label[label]
+        if not set(paths) <= set(self.bad_log.paths()):
+            return
+        folder = printable(os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]))
+        if label < 0 or self.class_names is None:  # unlabelled: the whole prediction folder
+            raise DataError(f"all {len(paths)} images under {folder} are unreadable; {self.bad_log.where()}; "
+                            "replace or delete them")
+        raise DataError(f"all {len(paths)} images of class {self.class_names[label]!r} in the {self.split} split "
+                        f"({folder}) are unreadable, so the class can be neither learnt nor measured; "
+                        f"{self.bad_log.where()}; replace them, or remove the class folder from every split")
 
     def _load(self, index: int):
         path, label = self.samples[index]
-        image = self.transform(image=read_image(path, self.min_side))["image"]  # uint8 (H, W, 3)
+        image = self.transform(image=read_image(path, self.min_side, self.max_pixels))["image"]  # uint8 (H, W, 3)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3, H, W), a view
         return (tensor, path) if self.with_paths else (tensor, label)
 
@@ -112,18 +161,15 @@ class ImageDataset(Dataset):
 
 
 class CollateDroppingBad:
-    """default_collate after removing the None entries that skipped bad images leave in a batch."""
+    """default_collate after removing the None entries that skipped bad images leave in a batch.
 
-    def __init__(self, img_size: tuple[int, int], with_paths: bool) -> None:
-        self.img_size = img_size
-        self.with_paths = with_paths
+    A batch whose every image was bad becomes None: Lightning skips a None training batch, and the
+    module's evaluation and predict steps return None for it (a model cannot run on zero images).
+    """
 
     def __call__(self, batch: list):
         kept = [item for item in batch if item is not None]
-        if kept:
-            return default_collate(kept)
-        empty = torch.empty(0, 3, *self.img_size, dtype=torch.uint8)  # a whole batch of bad files
-        return (empty, []) if self.with_paths else (empty, torch.empty(0, dtype=torch.long))
+        return default_collate(kept) if kept else None
 
 
 def worker_init(worker_id: int) -> None:

@@ -6,6 +6,7 @@ data module is set up, i.e. before any training starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .decode import IMAGE_EXTENSIONS, is_image_file
-from .errors import DataError
+from .errors import DataError, printable
+
+log = logging.getLogger("pvt_lightning.data")
 
 Sample = tuple[str, int]
 """(file path, class index)."""
@@ -33,13 +36,58 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
-def list_images(folder: Path) -> list[str]:
-    """All image files under ``folder`` (recursively, sorted, hidden files skipped)."""
-    found = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(os.path.join(directory, name) for name in sorted(files) if is_image_file(name))
+def list_images(folder: str | Path) -> list[str]:
+    """All image files under ``folder``: recursively, sorted, hidden entries skipped, symlinks followed.
+
+    Each real folder is scanned once: a symlink back to a folder above it (a loop) or to a folder
+    already scanned is skipped with a warning, so no image is listed twice. Non-regular files with an
+    image name (a FIFO called x.jpg) are listed; reading them fails, so they count as bad images.
+    """
+    found: list[str] = []
+    _scan_folder(os.fspath(folder), found, seen={}, ancestors=[])
     return found
+
+
+def _scan_folder(directory: str, found: list[str], seen: dict[tuple[int, int], str], ancestors: list[tuple[int, int]]):
+    """Depth first, in os.walk's order: this folder's files, then each sub-folder. ``seen``: (st_dev, st_ino) -> path."""
+    try:
+        status = os.stat(directory)
+        with os.scandir(directory) as scan:
+            entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
+    except OSError as error:
+        log.warning("cannot list folder %s (%s); skipped", printable(directory), error.strerror)
+        return
+    key = (status.st_dev, status.st_ino)
+    seen[key] = directory
+    ancestors.append(key)
+    subfolders = []
+    for entry in entries:
+        if _is_dir(entry):
+            subfolders.append(entry)
+        elif is_image_file(entry.name):
+            found.append(os.path.join(directory, entry.name))
+    for entry in subfolders:
+        try:
+            status = entry.stat()  # follows the symlink: the real folder's identity
+        except OSError:
+            continue
+        target = (status.st_dev, status.st_ino)
+        if target in ancestors:
+            log.warning("symlink loop: %s leads back to %s; not followed (each real folder is scanned once)",
+                        printable(entry.path), printable(seen[target]))
+        elif target in seen:
+            log.warning("%s leads to %s, which was already scanned; skipped so its images are not listed twice",
+                        printable(entry.path), printable(seen[target]))
+        else:
+            _scan_folder(entry.path, found, seen, ancestors)
+    ancestors.pop()
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
 
 
 def scan_split(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Sample]]:

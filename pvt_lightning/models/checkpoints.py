@@ -41,14 +41,20 @@ class CheckpointError(ValueError):
         return printable(super().__str__())  # paths in it may hold undecodable bytes
 
 
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled magic number
+
+
 def _sniff(path: Path) -> str:
-    """'empty', 'torch' (zip or legacy pickle), 'safetensors' (8-byte header length, then JSON) or 'other'."""
+    """'empty', 'torch' (torch.save's zip or legacy format), 'pickle' (another pickle), 'safetensors'
+    (8-byte header length, then JSON) or 'other'."""
     with open(path, "rb") as file:
         head = file.read(16)
     if not head:
         return "empty"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith((b"PK\x03\x04", _TORCH_LEGACY_MAGIC)):
         return "torch"
+    if head[:1] == b"\x80":
+        return "pickle"
     if len(head) > 8 and head[8:9] == b"{":
         return "safetensors"
     return "other"
@@ -86,19 +92,21 @@ def read_state_dict_file(path: str | Path, map_location="cpu", mmap: bool = Fals
                               "Copy or download it again")
     if path.suffix == ".safetensors" or kind == "safetensors":
         return _read_safetensors(path)
-    if kind != "torch":
+    if kind not in ("torch", "pickle"):
         raise CheckpointError(f"{path} is not a checkpoint: {_looks_like(path)}. Pass a PyTorch checkpoint "
                               "(.ckpt/.pth/.pt, written by torch.save) or a .safetensors weights file")
     try:
         return _torch_load(path, map_location, mmap)
     except pickle.UnpicklingError as err:
         forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if forbidden is None and "Unsupported global" not in str(err):
+        if forbidden is None and kind == "torch":
             raise CheckpointError(f"cannot read weights file {path}: it is corrupt or truncated "
                                   f"({_last_line(err)}); copy or download it again") from None
+        what = (f"it holds objects other than tensors and plain containers ({forbidden.group(1)})" if forbidden else
+                f"it is a pickle not written by torch.save, which the weights-only loader cannot read "
+                f"({_last_line(err)})")
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain containers"
-            f"{f' ({forbidden.group(1)})' if forbidden else ''}, and unpickling them could run arbitrary code. "
+            f"refused to load {path}: {what}, and unpickling it fully could run arbitrary code. "
             f"If you trust the file, re-save only its state dict with "
             f"torch.save(obj['model'].state_dict(), 'weights.pth') and pass that."
         ) from None
@@ -407,12 +415,30 @@ def head_prefix(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head) + "."
 
 
+WEIGHTS_IN_FOLDER = ("model.safetensors", "pytorch_model.bin")
+"""A folder passed as weights (a Hugging Face or timm hub download) is read through the first of these it holds."""
+
+
+def weights_file(path: str | Path) -> Path:
+    """``path`` itself, or for a folder its ``model.safetensors`` / ``pytorch_model.bin``."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    for name in WEIGHTS_IN_FOLDER:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} is a folder without {' or '.join(WEIGHTS_IN_FOLDER)}; pass the weights file "
+                          "itself (.pth/.pt/.ckpt/.safetensors)")
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
-    """Load weights from ``path`` into ``model`` in place; returns the head keys it dropped.
+    """Load weights from ``path`` (a file, or a folder holding ``WEIGHTS_IN_FOLDER``) into ``model`` in place;
+    returns the head keys it dropped.
 
     A classifier head whose shape differs from the model's (fine-tuning on your own classes)
     is left freshly initialised, with one warning; any other mismatch is a CheckpointError.
     """
+    path = weights_file(path)
     state = unwrap_state_dict(read_state_dict_file(path), path)
     if hasattr(model, "stages"):
         state = to_our_layout(state)
