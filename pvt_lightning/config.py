@@ -29,6 +29,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt, restricted_number_type)
 
+from .data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from .models import MIN_INPUT_SIZE, VARIANTS, canonical_name
 from .models.registry import is_pvt_v2
 from .recipes import RECIPE_NAMES
@@ -86,6 +87,9 @@ class RunConfig:
                                                   "or stop with the path", "data")
     verify_images: bool = option(False, "decode every image once before training and exclude the bad ones", "data")
 
+    max_image_pixels: NonNegativeInt = option(DEFAULT_MAX_IMAGE_PIXELS, "pixel budget per image, read from the file "
+                                              "header before decoding; larger images count as unreadable "
+                                              "(decompression bombs); 0: no limit", "data")
     # --- recipe
     recipe: Literal[RECIPE_NAMES] = option("auto", "defaults for the fields below that you leave unset; auto "
                                            "chooses from the data (see README)", "recipe")
