@@ -40,6 +40,7 @@ class UsageError(ValueError):
 
 
 FractionBelowOne = restricted_number_type("FractionBelowOne", float, [(">=", 0), ("<", 1)])
+LayerDecay = restricted_number_type("LayerDecay", float, [(">", 0), ("<=", 1)])
 BatchLimit = Union[NonNegativeInt, NonNegativeFloat]
 """Lightning's limit_*_batches / val_check_interval: an int counts batches, a float is a fraction of an epoch."""
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "64", 32, 64)
@@ -106,9 +107,29 @@ class RunConfig:
     cutmix: Optional[NonNegativeFloat] = option(None, "CutMix alpha (0 = off)", "recipe")
     grad_clip: Optional[NonNegativeFloat] = option(None, "gradient-norm clipping, 0 = off (default: 1.0 for "
                                                    "b3-b5, off otherwise)", "recipe")
+    layer_decay: Optional[LayerDecay] = option(None, "layer-wise lr decay: each layer learns at this fraction of "
+                                               "the next one's rate, the head at the full rate, the stem lowest; "
+                                               "1 = off (finetune recipe: the stem at 1/10 of the head)", "recipe")
+    head_lr_scale: Optional[PositiveFloat] = option(None, "lr multiplier of the classifier head (recipes: 1)",
+                                                    "recipe")
+    freeze_backbone_epochs: Optional[NonNegativeInt] = option(None, "train only the head for the first N epochs, "
+                                                              "then everything (recipes: 0)", "recipe")
     ema: bool = option(False, "keep an EMA of the weights for validation and checkpoints", "recipe")
     ema_decay: OpenUnitInterval = option(0.9998, "EMA decay per step", "recipe")
     seed: int = option(0, "random seed (data split, init, augmentation)", "recipe")
+
+    # --- class imbalance
+    class_weights: str = option("none", "loss weight per class: none, balanced (inverse class frequency, mean 1 "
+                                "over the training images) or a JSON file {\"class\": weight}", "imbalance",
+                                metavar="none|balanced|FILE.json")
+    sampler: Literal["none", "balanced", "sqrt"] = option("none", "training sampler: none (shuffle), balanced "
+                                                          "(every class drawn equally often), sqrt (each class in "
+                                                          "proportion to the square root of its count); epochs "
+                                                          "keep their length, DDP ranks split the draws", "imbalance")
+    loss: Literal["ce", "focal"] = option("ce", "training loss: cross-entropy or focal (with --focal-gamma)",
+                                          "imbalance")
+    focal_gamma: NonNegativeFloat = option(2.0, "focal loss exponent: (1 - p)^gamma down-weights easy images; "
+                                           "0 = cross-entropy", "imbalance")
 
     # --- hardware and scale
     precision: Literal[PRECISIONS] = option("auto", "auto: bf16-mixed on GPUs that support it, else 32", "hardware")
@@ -185,6 +206,7 @@ class RunConfig:
 
 GROUPS = {
     "model": "model", "data": "data", "recipe": "recipe (unset values come from --recipe)",
+    "imbalance": "class imbalance",
     "hardware": "hardware and scale", "trainer": "Lightning Trainer options",
     "run": "run folder, logging and checkpoints", "infer": "evaluation and prediction",
     "export": "export (experiments/export.py)",
@@ -347,6 +369,9 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and not Path(value).expanduser().exists():
             raise UsageError(f"{flag(name)} {value}: no such file or folder")
+    if config.class_weights not in ("none", "balanced") and not Path(config.class_weights).expanduser().is_file():
+        raise UsageError(f"--class-weights {config.class_weights}: choose none, balanced or an existing JSON file "
+                         "of {\"class name\": weight}")
     if config.resume not in (None, "last") and not Path(config.resume).expanduser().is_file():
         raise UsageError(f"--resume {config.resume}: no such checkpoint file (or use --resume last with --name)")
 

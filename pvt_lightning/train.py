@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 
 from .config import RunConfig, UsageError, default_num_workers
-from .recipes import Recipe, choose_recipe
+from .recipes import RECIPE_FIELDS, Recipe, choose_recipe
 from .assembly import make_callbacks, make_datamodule, make_trainer, resolve_precision, say
 from .rundir import RunPaths, build_summary, open_run, release_version_env, remove_if_empty_run, write_hparams, \
     write_summary
@@ -28,7 +28,7 @@ def train(config: RunConfig) -> int:
     data_dir, demo = data_source(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     config = resolve_data_defaults(config, data_dir, demo)
-    datamodule = make_datamodule(config, data_dir, augment=config.augment or "basic")
+    datamodule = make_datamodule(config, data_dir, augment=config.augment or "basic", sampler=config.sampler)
     datamodule.setup("fit")  # every data error now, before any model is built
     config, recipe = resolve_recipe(config, datamodule.split_sizes()["train"], demo)
     datamodule.augment = config.augment  # the recipe's choice; loaders are built later, at fit
@@ -59,6 +59,7 @@ def train(config: RunConfig) -> int:
         return 0
     summary = build_summary(trainer, module, datamodule, checkpoint, complexity, config, recipe)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
+    summary.update(class_balance(config, datamodule, module))
     write_summary(paths, summary)
     say(final_line(paths, summary))
     return 0
@@ -101,7 +102,7 @@ def resolve_recipe(config: RunConfig, num_train_images: int, demo: bool) -> tupl
 
     try:
         recipe = choose_recipe(config.recipe, pretrained=config.pretrained is not None,
-                               num_train_images=num_train_images, demo=demo)
+                               num_train_images=num_train_images, demo=demo, variant=config.variant)
     except ValueError as err:
         raise UsageError(f"--recipe: {err}") from None
     variant_defaults = {"drop_path": DEFAULT_DROP_PATH[config.variant],
@@ -130,15 +131,31 @@ def total_batch(config: RunConfig, trainer: Trainer) -> int:
 
 
 def make_module(config: RunConfig, datamodule):
+    from .data.sampling import class_counts, resolve_class_weights
     from .module import ImageClassifier
 
+    train_counts = class_counts(datamodule.samples("train"), datamodule.num_classes)
     return ImageClassifier(
         config.variant, num_classes=datamodule.num_classes, class_names=datamodule.class_names,
         img_size=config.img_size, lr=config.lr, weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs, drop_path=config.drop_path, label_smoothing=config.label_smoothing,
         mixup=config.mixup, cutmix=config.cutmix, linear_sra=config.linear_sra, pretrained=config.pretrained,
-        grad_checkpointing=config.grad_checkpointing,
+        grad_checkpointing=config.grad_checkpointing, layer_decay=config.layer_decay,
+        head_lr_scale=config.head_lr_scale, freeze_backbone_epochs=config.freeze_backbone_epochs,
+        class_weights=resolve_class_weights(config.class_weights, datamodule.class_names, train_counts),
+        loss=config.loss, focal_gamma=config.focal_gamma,
     )
+
+
+def class_balance(config: RunConfig, datamodule, module) -> dict:
+    """summary.json's ``class_counts``, ``imbalance_ratio`` and ``imbalance_handling`` (data/sampling.py)."""
+    from .data.sampling import imbalance_summary
+
+    handling = {"class_weights": config.class_weights, "sampler": config.sampler, "loss": config.loss}
+    if config.loss == "focal":
+        handling["focal_gamma"] = config.focal_gamma
+    splits = {split: datamodule.samples(split) for split in ("train", "val")}
+    return imbalance_summary(datamodule.class_names, splits, module.hparams.class_weights, handling)
 
 
 def banner(config: RunConfig, recipe: Recipe, module, complexity, datamodule, trainer: Trainer,
@@ -148,13 +165,15 @@ def banner(config: RunConfig, recipe: Recipe, module, complexity, datamodule, tr
     devices = f"{config.batch_size} x {trainer.world_size} device(s)"
     if trainer.accumulate_grad_batches > 1:
         devices += f" x {trainer.accumulate_grad_batches} accumulated"
-    recipe_values = ", ".join(f"{key} {getattr(config, key)}" for key in recipe.values if hasattr(config, key))
+    from .data.sampling import imbalance_line
+
+    recipe_values = ", ".join(f"{key} {getattr(config, key)}" for key in RECIPE_FIELDS)
     return (f"{config.variant}{' (linear SRA)' if module.linear_sra_enabled else ''} | {h}x{w} | "
             f"{complexity.params_m:.2f} M params, {complexity.gmacs:.2f} GMACs | {datamodule.num_classes} classes | "
             f"batch {devices} = {total_batch(config, trainer)} | lr {config.lr:.2e} | precision "
             f"{trainer.precision} | run dir {paths.run_dir}\n"
-            f"recipe {recipe.name} ({recipe.reason}): {recipe_values}, drop_path {config.drop_path}, grad_clip "
-            f"{config.grad_clip}")
+            f"recipe {recipe.name} ({recipe.reason}): {recipe_values}\n"
+            f"{imbalance_line(class_balance(config, datamodule, module))}")
 
 
 def final_line(paths: RunPaths, summary: dict) -> str:

@@ -12,7 +12,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -119,3 +119,32 @@ class ClassBalancedSampler(DistributedSampler):
                   * self.class_counts[classes]).long()  # uniform in 0..n_c-1
         drawn = self.by_class[self.class_starts[classes] + within]
         return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
+
+
+def imbalance_summary(class_names: Sequence[str], split_samples: dict[str, Sequence[Sample]],
+                      class_weights: Sequence[float] | None, handling: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's ``class_counts`` ({split: {class: images}}), ``imbalance_ratio`` (train, max/min) and
+    ``imbalance_handling`` (``handling``, e.g. class_weights/sampler/loss, plus the weights in use per class)."""
+    counts = {split: dict(zip(class_names, class_counts(samples, len(class_names))))
+              for split, samples in split_samples.items()}
+    ratio = imbalance_ratio(list(counts["train"].values()))
+    weights = None if class_weights is None else {name: round(w, 6) for name, w in zip(class_names, class_weights)}
+    return {"class_counts": counts, "imbalance_ratio": None if math.isinf(ratio) else round(ratio, 3),
+            "imbalance_handling": {**handling, "class_weight_values": weights}}
+
+
+def imbalance_line(summary: dict[str, Any]) -> str:
+    """One banner line: images per class (fewest..most) per split, the ratio, what is applied, and a hint."""
+    parts = []
+    for split, counts in summary["class_counts"].items():
+        least = min(counts, key=counts.get)
+        most = max(counts, key=counts.get)
+        parts.append(f"{split} {counts[least]} ({least}) .. {counts[most]} ({most}) images per class")
+    ratio = summary["imbalance_ratio"]
+    handling = summary["imbalance_handling"]
+    applied = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in handling.items()
+                        if key != "class_weight_values")
+    line = f"classes: {'; '.join(parts)} | imbalance {'inf' if ratio is None else f'{ratio:g}'}:1 | {applied}"
+    if (ratio is None or ratio >= 3) and handling.get("class_weights") == "none" and handling.get("sampler") == "none":
+        line += " (imbalanced: consider --class-weights balanced or --sampler sqrt, and --monitor val/recall)"
+    return line
