@@ -45,13 +45,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one filesystem
     except BaseException as err:
+        written = _size_or_zero(tmp)
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointSaveError(save_error_message(path, err)) from None
-        if isinstance(err, RuntimeError) and isinstance(err.__cause__ or err.__context__, OSError):
-            # torch.save's zip writer reports a failed write as RuntimeError("... file write failed")
-            raise CheckpointSaveError(save_error_message(path, err.__cause__ or err.__context__)) from None
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and isinstance(cause, OSError)):
+            # torch.save's zip writer reports a failed write as RuntimeError("... unexpected pos ...")
+            raise CheckpointSaveError(save_error_message(path, cause, written)) from None
         raise
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 _NO_ROOM = "free some space, or point --logdir at a disk with room"
@@ -69,13 +76,15 @@ _REASONS = {  # errno -> (what happened, what to do)
 }
 
 
-def save_error_message(path: str | Path, err: OSError) -> str:
-    """'cannot save PATH: REASON [strerror] (N free ...); the previous file is kept. FIX, then rerun ...'"""
+def save_error_message(path: str | Path, err: OSError, written: int = 0) -> str:
+    """'cannot write PATH: REASON [strerror] (N written before it failed; M free ...); the previous file is kept. FIX'"""
     path = Path(path)
     reason, fix = _REASONS.get(err.errno, (err.strerror or str(err), _NOT_WRITABLE))
-    kept = f"the previous {path.name} there is kept" if path.exists() else "nothing was written there"
-    return (f"cannot write {path}: {reason} [{err.strerror or type(err).__name__}] ({free_space(path)}); {kept}. "
-            f"To go on: {fix}, then rerun (with --resume last to continue from the last saved checkpoint)")
+    progress = f"{_size(written)} written before it failed; " if written else ""
+    kept = f"the previous {path.name} there is kept" if path.exists() else "no earlier file of that name was touched"
+    return (f"cannot write {path}: {reason} [{err.strerror or type(err).__name__}] ({progress}{free_space(path)}); "
+            f"{kept}. To go on: {fix}, then rerun (with --resume last to continue from the last checkpoint saved, "
+            "if any)")
 
 
 def free_space(path: str | Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import io
+import json
 import logging
 import os
 import resource
@@ -532,3 +533,52 @@ def test_a_real_full_or_read_only_disk_gives_one_message(tmp_path, mount_options
     if "ro" not in mount_options:  # the first, small save fitted: it is still there, whole, and nothing else
         assert "kept step: 1" in proc.stdout and "left: ['last.ckpt']" in proc.stdout
     assert not any(target.iterdir())  # the mount went with its namespace; nothing was written outside it
+
+
+# --- the same cases through the command line -----------------------------------------------------------------
+
+RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
+QUICK = ["--variant", "b0", "--img-size", "32", "32", "--batch-size", "3", "--num-workers", "0", "--precision", "32",
+         "--accelerator", "cpu", "--epochs", "1"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, cwd: Path, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(wrap or []), *RUN, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=ENV)
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_predict_carry_on_past_a_batch_of_only_unreadable_files(tmp_path):
+    """The issue's reproduction: one corrupt file alone in the last validation batch (was exit 1, a traceback)."""
+    (bad,) = data_with_a_lone_bad_file_in_the_last_batch(tmp_path / "data")
+    proc = run_cli(*QUICK, "--data", "data", "--logdir", "runs", "--name", "lone", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "lone" / "version_0" / "summary.json").read_text())
+    assert summary["bad_images"] == 1
+    checkpoint = summary["checkpoints"]["last"]
+    proc = run_cli("--evaluate", checkpoint, "--data", "data", "--num-workers", "0", "--accelerator", "cpu",
+                   "--batch-size", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("--predict", "data/val", "--checkpoint", checkpoint, "--num-workers", "0", "--accelerator", "cpu",
+                   "--batch-size", "3", "--output", "predictions.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == ["data/val/a/000.jpg", "data/val/a/001.jpg", "data/val/b/000.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "predictions.csv", "runs"]  # no .tmp/.part left
+    assert bad.exists()
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_training_onto_a_full_disk_exits_2_with_one_message(tmp_path):
+    """--logdir on a real 2 MB tmpfs (private mount namespace): the first checkpoint does not fit."""
+    make_image_folder(tmp_path / "data", per_class=3)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=2m tmpfs {disk} && exec \"$0\" \"$@\""]
+    proc = run_cli(*QUICK, "--data", "data", "--logdir", str(disk), "--name", "full", cwd=tmp_path, wrap=mount)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"pvt-lightning: error: cannot write {disk / 'full' / 'version_0' / 'checkpoints'}")
+    assert "the disk is full [No space left on device]" in message and "free of" in message
+    assert "Traceback" not in proc.stderr
