@@ -463,6 +463,15 @@ def evaluation_file_names(operating_point: bool) -> list[str]:
     return names + [OPERATING_POINT_FILE] if operating_point else names
 
 
+def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The macro figures under the tags training logs (``val/acc``, ``test/f1``...): what ``--output`` holds."""
+    split = report.get("split") or "val"
+    k = next(key for key in report if key.startswith("top") and key.endswith("_accuracy"))
+    macro = report["macro"]
+    return {f"{split}/acc": report["accuracy"], f"{split}/acc5": report[k], f"{split}/precision": macro["precision"],
+            f"{split}/recall": macro["recall"], f"{split}/f1": macro["f1"], f"{split}/loss": report["log_loss"]}
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal: macro figures, calibration, the operating point's reach."""
     k = next(key for key in report if key.startswith("top") and key.endswith("_accuracy"))

@@ -348,9 +348,11 @@ def test_evaluate_writes_every_file_from_a_real_checkpoint(trained, tmp_path, ca
     data, checkpoint = trained
     out = tmp_path / "eval"
     assert run_main("--evaluate", str(checkpoint), "--data", str(data), "--split", "test", "--output-dir", str(out),
-                    "--calibrate", "--target-precision", "0.6") == 0
+                    "--calibrate", "--target-precision", "0.6", "--output", str(tmp_path / "metrics.json")) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(evaluation_file_names(operating_point=True))
     report = json.loads((out / "report.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())  # --output: the tags training logs
+    assert metrics["test/acc"] == report["accuracy"] and metrics["test/recall"] == report["macro"]["recall"]
     assert report["split"] == "test" and report["checkpoint"] == str(checkpoint)
     assert report["skipped_images"] == 1 and report["skipped_paths"][0].endswith("broken.jpg")
     predictions = read_rows(out / "predictions.csv")
