@@ -582,3 +582,30 @@ def test_training_onto_a_full_disk_exits_2_with_one_message(tmp_path):
     assert message.startswith(f"pvt-lightning: error: cannot write {disk / 'full' / 'version_0' / 'checkpoints'}")
     assert "the disk is full [No space left on device]" in message and "free of" in message
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_and_prediction_over_odd_names_fifos_and_animations(tmp_path):
+    """Non-UTF-8 names (one of them unreadable), a FIFO named like an image and an animated GIF: training reports
+    the bad file, --predict neither hangs nor crashes writing the CSV, whose paths keep the exact bytes."""
+    root = make_image_folder(tmp_path / "data", per_class=3)
+    write_jpeg(Path(os.fsdecode(os.fsencode(root / "train" / "a") + b"/caf\xe9.jpg")), np.zeros((40, 40, 3), np.uint8))
+    with open(os.fsencode(root / "val" / "b") + b"/bad\xff.jpg", "wb") as f:
+        f.write(CORRUPT)
+    proc = run_cli(*QUICK, "--data", "data", "--logdir", "runs", "--name", "odd", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bad\\xff.jpg" in proc.stderr  # the warning, readable
+    summary = json.loads((tmp_path / "runs" / "odd" / "version_0" / "summary.json").read_text())
+    assert summary["bad_images"] == 1
+
+    pics = tmp_path / "pics"
+    write_jpeg(pics / "plain.jpg", np.zeros((40, 40, 3), np.uint8))
+    write_jpeg(Path(os.fsdecode(os.fsencode(pics) + b"/\xe9t\xe9.jpg")), np.zeros((40, 40, 3), np.uint8))
+    os.mkfifo(pics / "pipe.jpg")
+    animated_gif(pics / "moving.gif")
+    proc = run_cli("--predict", "pics", "--checkpoint", summary["checkpoints"]["last"], "--num-workers", "0",
+                   "--accelerator", "cpu", "--batch-size", "2", "--output", "predictions.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pipe.jpg: not a regular file (a FIFO)" in proc.stderr and "moving.gif is animated" in proc.stderr
+    names = sorted(line.split(b",")[0] for line in (tmp_path / "predictions.csv").read_bytes().splitlines()[1:])
+    assert names == [b"pics/moving.gif", b"pics/plain.jpg", b"pics/\xe9t\xe9.jpg"]
