@@ -151,6 +151,14 @@ def test_without_a_kept_file_errors_list_the_bad_images_themselves(tmp_path):
     assert "pvt_lightning_bad_images_" not in str(error.value)  # no temporary path that will vanish
 
 
+def test_a_bad_images_file_that_cannot_be_written_is_one_data_error(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    (root / "val" / "a" / "000.jpg").write_bytes(b"")
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    with pytest.raises(DataError, match=r"cannot record the unreadable image .*000\.jpg in .*run/bad_images\.txt"):
+        list(datamodule(root, bad_images_file=tmp_path / "run" / "bad_images.txt").val_dataloader())
+
+
 # --- case 4: symlinks --------------------------------------------------------------------------------------
 
 def test_a_symlink_loop_in_a_class_folder_is_followed_once_with_a_warning(tmp_path, caplog):
