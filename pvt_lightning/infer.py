@@ -36,6 +36,17 @@ def load_classifier(path: str | Path):
     return module.eval()
 
 
+def load_predictor(path: str | Path):
+    """A ``.ckpt`` as ImageClassifier, or an exported ``.onnx`` / ``.pt2`` file (onnxruntime / torch.export) as a
+    classifier module with the same ``hparams`` names (class_names, img_size; mean/std from the file)."""
+    from .export import is_exported_file, load_exported
+
+    if is_exported_file(path):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_exported(path, device=device)
+    return load_classifier(path)
+
+
 def inference_trainer(config: RunConfig, **kwargs: Any) -> L.Trainer:
     settings = {"accelerator": config.accelerator, "devices": parse_devices(config.devices), "logger": False,
                 "precision": resolve_precision(config.precision, config.accelerator), "num_nodes": config.num_nodes,
@@ -107,10 +118,12 @@ def predict(config: RunConfig) -> int:
     """
     from .data import ImageFolderDataModule
     from .evaluation import LogitCollector, OperatingPoint, find_operating_point
+    from .export import is_exported_file
 
     checkpoint = Path(config.checkpoint).expanduser()
-    output = check_output(config.output or checkpoint.parent.parent / "predictions.csv", config.overwrite)
-    module = load_classifier(checkpoint)
+    run_dir = checkpoint.parent if is_exported_file(checkpoint) else checkpoint.parent.parent  # .ckpt: the run
+    output = check_output(config.output or run_dir / "predictions.csv", config.overwrite)
+    module = load_predictor(checkpoint)
     class_names = list(module.hparams.class_names)
     point_file = Path(config.operating_point).expanduser() if config.operating_point else find_operating_point(checkpoint)
     point = OperatingPoint.load(point_file, class_names) if point_file else None
@@ -125,6 +138,7 @@ def predict(config: RunConfig) -> int:
     datamodule = ImageFolderDataModule.for_prediction(
         Path(config.predict).expanduser(), img_size=tuple(config.img_size), batch_size=config.batch_size,
         num_workers=config.num_workers, crop_pct=config.crop_pct, bad_images=config.bad_images,
+        **{key: tuple(module.hparams[key]) for key in ("mean", "std") if key in module.hparams},
     )
     writer = PredictionCsvWriter(output, class_names, overwrite=config.overwrite, operating_point=point,
                                  apply=bool(config.operating_point))
