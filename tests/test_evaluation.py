@@ -478,3 +478,32 @@ def test_flag_mistakes_exit_2_with_one_message(trained, tmp_path, capsys, args, 
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_command_line_evaluate_then_predict(trained, tmp_path):
+    """experiments/run.py as a user runs it: recall target on val, decisions on new images, a bad file exits 2."""
+    import subprocess
+
+    data, checkpoint = trained
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *args, *CPU], capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path)
+
+    done = run("--evaluate", str(checkpoint), "--data", str(data), "--target-recall", "0.75", "--output-dir", "ev")
+    assert done.returncode == 0, done.stderr[-2000:]
+    point = json.loads((tmp_path / "ev" / OPERATING_POINT_FILE).read_text())
+    assert point["target"] == {"recall": 0.75} and point["temperature"] == 1.0
+    per_class = {row["class"]: row for row in read_rows(tmp_path / "ev" / "per_class.csv")}
+    assert all(float(per_class[name]["recall_at_threshold"]) >= 0.75 for name in CLASSES)
+    done = run("--predict", str(data / "test"), "--checkpoint", str(checkpoint), "--operating-point",
+               "ev/operating_point.json", "--output", "decided.csv")
+    assert done.returncode == 0, done.stderr[-2000:]
+    decisions = {row["decision"] for row in read_rows(tmp_path / "decided.csv")}
+    assert decisions <= {*CLASSES, "abstain"} and decisions & set(CLASSES)
+    (tmp_path / "bad.json").write_text('{"temperature": 1.0, "thresholds": {"x": 0.5}}')
+    done = run("--predict", str(data / "test"), "--checkpoint", str(checkpoint), "--operating-point", "bad.json",
+               "--output", "other.csv")
+    assert done.returncode == 2 and "bad.json" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "other.csv").exists()
