@@ -98,7 +98,8 @@ def evaluate(config: RunConfig) -> int:
     say(f"Wrote {', '.join(files)} to {output_dir}" + (f" ({len(skipped)} unreadable images skipped)" if skipped
                                                       else ""))
     if targeted:
-        say(f"Apply it: --predict DIR --checkpoint {checkpoint} --operating-point {output_dir / 'operating_point.json'}")
+        say(f"Apply it: --predict DIR --checkpoint {checkpoint} --operating-point "
+            f"{output_dir / 'operating_point.json'}")
     return 0
 
 
@@ -125,7 +126,8 @@ def predict(config: RunConfig) -> int:
     output = check_output(config.output or run_dir / "predictions.csv", config.overwrite)
     module = load_predictor(checkpoint)
     class_names = list(module.hparams.class_names)
-    point_file = Path(config.operating_point).expanduser() if config.operating_point else find_operating_point(checkpoint)
+    point_file = (Path(config.operating_point).expanduser() if config.operating_point
+                  else find_operating_point(checkpoint))
     point = OperatingPoint.load(point_file, class_names) if point_file else None
     if point is not None and not config.operating_point:
         say(f"Found {point_file} next to the checkpoint: adding calibrated_probability (temperature "

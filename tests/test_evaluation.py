@@ -1,4 +1,4 @@
-"""Evaluation after training (pvt_lightning.evaluation): files, calibration, operating points, plots, compare --per-class.
+"""Evaluation after training (pvt_lightning.evaluation): files, calibration, operating points, plots, compare.
 
 Expected values come from scikit-learn or from plain NumPy written here, never from the code under test.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -296,8 +295,9 @@ def test_compare_per_class_reads_the_last_epoch_per_dataset(tmp_path, capsys):
     from compare import main as compare_main
 
     logdir = tmp_path / "runs"
-    write_per_class_run(logdir / "resnet50_64x64" / "version_0", ["cat", "dog", "rare"], [[0.1, 0.2, 0.3], [0.8, 0.6, 0.2]])
-    write_per_class_run(logdir / "b5_64x64" / "version_0", ["cat", "dog", "rare"], [[0.5, 0.5, 0.5], [0.9, 0.7, 0.6]])
+    classes = ["cat", "dog", "rare"]
+    write_per_class_run(logdir / "resnet50_64x64" / "version_0", classes, [[0.1, 0.2, 0.3], [0.8, 0.6, 0.2]])
+    write_per_class_run(logdir / "b5_64x64" / "version_0", classes, [[0.5, 0.5, 0.5], [0.9, 0.7, 0.6]])
     write_per_class_run(logdir / "other_data" / "version_0", ["x", "y"], [[0.4, 0.2]])
     out = tmp_path / "out"
     assert compare_main(["--logdir", str(logdir), "--out", str(out), "--per-class"]) == 0
