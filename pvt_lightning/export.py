@@ -378,7 +378,8 @@ def _forced_weights_only() -> Iterator[None]:
 
 
 class ProgramClassifier(ExportedClassifier):
-    """A ``.pt2`` ExportedProgram as an ``nn.Module`` (runs where its tensors are: CPU as exported)."""
+    """A ``.pt2`` ExportedProgram as an ``nn.Module``; it runs on the CPU, where it was traced (inputs elsewhere
+    are copied there and the logits back)."""
 
     def __init__(self, source: str | Path | bytes):
         super().__init__()
@@ -387,7 +388,7 @@ class ProgramClassifier(ExportedClassifier):
         self.program = program.module()
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
+        return self.program(x.to("cpu")).to(x.device)  # traced on the CPU: its constants live there
 
     def train(self, mode: bool = True) -> "ProgramClassifier":
         """The program was traced in eval mode and has no other; ``eval()``/``train()`` (Lightning calls them) only
@@ -515,6 +516,8 @@ def export_model(model: nn.Module, output: str | Path, *, format: str | None = N
     img_size = (int(img_size[0]), int(img_size[1]))
     if min(img_size) < MIN_INPUT_SIZE:
         raise ExportError(f"--img-size {img_size[0]} {img_size[1]}: each side must be at least {MIN_INPUT_SIZE}")
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        raise ExportError("export traces on the CPU: pass model.cpu() (the ONNX file still runs on GPUs)")
     dynamic_batch, fixed_batch = resolve_batch(batch_size, dynamic)
     metadata = dataclasses.replace(metadata or model_metadata(model, img_size=img_size), img_size=img_size,
                                    dynamic_batch=dynamic_batch, dynamic_size=dynamic, batch_size=fixed_batch)
