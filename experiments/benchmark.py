@@ -18,19 +18,19 @@ Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pvt_lightning import benchmark as bm  # noqa: E402
 from pvt_lightning.allocator import keep_freed_memory  # noqa: E402
-from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity  # noqa: E402
+from pvt_lightning.bench import memory, reference, timing  # noqa: E402
+from pvt_lightning.bench.synthetic import write_photo_folder  # noqa: E402
+from pvt_lightning.bench.tables import markdown_table, write_csv  # noqa: E402
+from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity, variant_spec  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
@@ -65,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="+", type=parse_size, default=[(224, 224), (384, 224)], help="HxW, e.g. 384x224")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="32", choices=bm.PRECISIONS)
+    p.add_argument("--precision", default="32", choices=timing.PRECISIONS)
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward (both models)")
-    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=bm.MODES)
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=timing.MODES)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model and repeat")
     p.add_argument("--repeats", type=int, default=1, help="repeat the interleaved measurement; report medians")
@@ -134,38 +134,38 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
     for variant in args.variants:
         for size in args.sizes:
             torch.manual_seed(0)
-            ours = bm.build_model(variant, "ours")
+            ours = reference.build_model(variant, "ours")
             complexity = measure_complexity(ours, size)
             if args.no_reference:
-                reference, ref_name, ref_impl, ref_variant = None, "", "", variant
+                ref_model, ref_name, ref_impl, ref_variant = None, "", "", variant
             elif args.reference_variant:
                 ref_variant, ref_impl, ref_name = args.reference_variant, "ours", f"ours {args.reference_variant}"
-                reference = bm.build_model(ref_variant, "ours")
+                ref_model = reference.build_model(ref_variant, "ours")
             else:
-                reference = bm.reference_with_same_weights(ours, variant)
+                ref_model = reference.reference_with_same_weights(ours, variant)
                 ref_variant, ref_impl = variant, "reference"
-                ref_name = "torchvision resnet50" if variant == "resnet50" else f"timm pvt_v2_{variant}"
-            models = [prepare(ours, args)] + ([] if reference is None else [prepare(reference, args)])
+                ref_name = variant_spec(variant).reference.replace(":", " ")  # e.g. "timm pvt_v2_b0"
+            models = [prepare(ours, args)] + ([] if ref_model is None else [prepare(ref_model, args)])
             mem: dict[str, dict] = {}
             if not args.no_memory:  # one fresh subprocess per model, all modes
-                for key, name, impl in [("ours", variant, "ours")] + ([] if reference is None else
+                for key, name, impl in [("ours", variant, "ours")] + ([] if ref_model is None else
                                                                       [("reference", ref_variant, ref_impl)]):
-                    mem[key] = bm.measure_peak_memories(name, size, args.batch_size, args.modes, args.device,
+                    mem[key] = memory.measure_peak_memories(name, size, args.batch_size, args.modes, args.device,
                                                         args.precision, impl, args.grad_checkpointing,
                                                         args.channels_last, steps=args.memory_steps,
                                                         keep_freed_memory=args.kept_freed_memory)
             for mode in args.modes:
                 times: list[list[float]] = [[] for _ in models]  # per model, the steps of all repeats
                 for _ in range(args.repeats):
-                    for pooled, new in zip(times, bm.compare_step_times(
+                    for pooled, new in zip(times, timing.compare_step_times(
                             models, size, args.batch_size, mode, args.device, args.precision, args.steps,
                             args.warmup, args.channels_last)):
                         pooled += new
                 ours_ips = args.batch_size / statistics.median(times[0])
-                ref_ips = args.batch_size / statistics.median(times[1]) if reference is not None else None
-                ratio = bm.paired_speed_ratio(times[0], times[1]) if reference is not None else None
+                ref_ips = args.batch_size / statistics.median(times[1]) if ref_model is not None else None
+                ratio = timing.paired_speed_ratio(times[0], times[1]) if ref_model is not None else None
                 ratios = dict(ratio=ratio.median, ratio_lo=ratio.low, ratio_hi=ratio.high) if ratio else {}
-                achieved = bm.achieved_flops(complexity.gmacs, ours_ips, mode)
+                achieved = timing.achieved_flops(complexity.gmacs, ours_ips, mode)
                 row = dict(variant=variant, size=f"{size[0]}x{size[1]}", mode=mode, batch=args.batch_size,
                            precision=args.precision + ("+gc" if args.grad_checkpointing else "")
                            + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else ""),
@@ -187,37 +187,6 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
 
 
 # --- data loading ------------------------------------------------------------------------------------
-
-def write_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` 500x375 JPEGs of smooth random colour fields with noise (quality 90)."""
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        image = cv2.resize(small, (500, 375), interpolation=cv2.INTER_CUBIC)
-        image = np.clip(image.astype(np.int16) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
-        path = folder / f"img_{i:04d}.jpg"
-        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        paths.append(path)
-    return paths
-
-
-def write_image_folder(root: Path, classes: int, train_images: int, val_per_class: int) -> list[Path]:
-    """An ImageFolder of generated JPEGs, ``root/{train,val}/class_<k>/``; returns the train paths.
-
-    ``train_images`` are spread over the classes as evenly as they divide; each class gets its own seed.
-    """
-    paths = []
-    for k in range(classes):
-        count = train_images // classes + (k < train_images % classes)
-        paths += write_jpegs(root / "train" / f"class_{k}", count, seed=k)
-        write_jpegs(root / "val" / f"class_{k}", val_per_class, seed=classes + k)
-    return paths
-
 
 def torchvision_train_transform(size: tuple[int, int]):
     """The usual torchvision+PIL training pipeline, as timm/DeiT-style codebases build it."""
@@ -246,7 +215,7 @@ def run_data_loader(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
-        paths = write_image_folder(root, classes=2, train_images=args.images, val_per_class=1)
+        paths = write_photo_folder(root, classes=2, train_images=args.images, val_per_class=1)
         for size in args.sizes:
             ours = ImageDataset([(str(p), 0) for p in paths], train_transform(size, seed=0), bad_log=None,
                                 bad_images="error", min_side=max(resize_target(size, 0.875)))
@@ -275,16 +244,9 @@ def run_data_loader(args: argparse.Namespace) -> list[dict]:
 
 def interleaved_rates(passes: dict, images: int, repeats: int) -> dict[str, float]:
     """Images/s of each ``passes[name]()`` (one pass over ``images``): a warm-up pass each, then
-    ``repeats`` interleaved passes (A B, B A, ...), median time."""
-    times: dict[str, list[float]] = {name: [] for name in passes}
-    for run_pass in passes.values():
-        run_pass()
-    for i in range(repeats):
-        for name in (list(passes) if i % 2 == 0 else list(reversed(passes))):
-            start = time.perf_counter()
-            passes[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: images / statistics.median(t) for name, t in times.items()}
+    ``repeats`` interleaved passes, median time."""
+    times = timing.interleaved_times([timing.timed(p) for p in passes.values()], repeats, warmup=1)
+    return {name: images / statistics.median(t) for name, t in zip(passes, times)}
 
 
 def data_rows(ips: dict[str, float], size: tuple[int, int], images: int, workers: int) -> list[dict]:
@@ -322,22 +284,8 @@ def torchvision_train_loader(root: Path, size: tuple[int, int], args: argparse.N
 def write_outputs(rows: list[dict], columns: list[str], out: Path, stem: str, header: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-        return str(value)
-
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in columns) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_csv(rows, csv_path, columns)
+    md_path.write_text(header + "\n\n" + markdown_table(rows, columns))
     return csv_path, md_path
 
 
@@ -374,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_outputs(rows, DATA_COLUMNS, args.out, f"{args.tag}_data", machine_line(args, None))
     else:
         dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float16 if args.precision == "16-mixed" else torch.float32
-        peak = bm.matmul_peak_flops(args.device, dtype)
+        peak = timing.matmul_peak_flops(args.device, dtype)
         print(machine_line(args, peak), flush=True)
         save = lambda rows: write_outputs(rows, COLUMNS, args.out, args.tag, machine_line(args, peak))  # noqa: E731
         paths = save(run_models(args, peak, save))

@@ -41,7 +41,7 @@ step 90 $BENCH --variants b2_li --reference-variant b2 --sizes 224x224 512x512 1
 step 90 $PY experiments/benchmark.py --data-loader --images 2048 --workers 8 --batch-size 128 --sizes 224x224 --out "$OUT" --tag gpu_loader
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
-$PY -c "import sys; from pathlib import Path; sys.path.insert(0, 'experiments'); from benchmark import write_image_folder; write_image_folder(Path(sys.argv[1]), classes=4, train_images=4096, val_per_class=64)" "$DATA"
+$PY -c "import sys; from pvt_lightning.bench.synthetic import write_photo_folder; write_photo_folder(sys.argv[1], classes=4, train_images=4096, val_per_class=64)" "$DATA"
 step 150 $PY experiments/run.py --variant b0 --data "$DATA" --img-size 224 224 --batch-size 128 --num-workers 8 --precision bf16-mixed --epochs 3 --warmup-epochs 1 --logdir "$DATA/runs" --name b0_loader
 cp "$DATA"/runs/b0_loader/version_0/summary.json "$OUT/b0_loader_summary.json" 2>/dev/null
 # 6. torch.compile, inference and training (compiling both models takes about 90 s).

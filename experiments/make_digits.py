@@ -10,12 +10,17 @@ The 8x8 images (16 grey levels) are upscaled with bicubic interpolation and save
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pvt_lightning.data.demo import write_image  # noqa: E402
 
 
 def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -28,9 +33,7 @@ def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2, seed: int
         for index in sorted(chosen):
             gray = (images[index] * (255.0 / 16.0)).astype(np.float32)
             big = np.clip(cv2.resize(gray, (size, size), interpolation=cv2.INTER_CUBIC), 0, 255).astype(np.uint8)
-            folder = out / split / str(digits.target[index])
-            folder.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(folder / f"{index:04d}.png"), big)
+            write_image(out / split / str(digits.target[index]) / f"{index:04d}.png", big)
     return {"train": len(train_idx), "val": len(val_idx)}
 
 

@@ -3,9 +3,9 @@
 Every training step frees and re-allocates the same large activation buffers. With glibc's default
 malloc settings the large ones are mmap-ed per allocation or trimmed back to the kernel when freed,
 so each step pays zero-filled page faults for them again. Turning that off is what PyTorch's CPU
-performance guide does with jemalloc/tcmalloc; ``mallopt`` gets the same effect without a preload.
-Measured on a 2-core x86_64 VM (b0, 384x224, batch 16): 1.6x the training and 1.65x the inference
-images/s. The cost: the process keeps its peak heap instead of returning it to the OS.
+performance guide does with jemalloc/tcmalloc; ``mallopt`` gets the same effect without a preload
+(measured effect: docs/performance.md). The cost: the process keeps its peak heap instead of returning
+it to the OS.
 """
 
 from __future__ import annotations

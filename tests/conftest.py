@@ -8,9 +8,10 @@ from typing import Callable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from pvt_lightning.data.demo import write_image, write_image_folder  # noqa: E402
 
 # Distinct, easily learnt colours: class i of a generated folder is mostly this colour.
 _PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 220),
@@ -19,11 +20,7 @@ _PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 6
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 95) -> Path:
     """Write an RGB uint8 (H, W, 3) array as a real JPEG file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok, path
-    path.write_bytes(encoded.tobytes())
-    return path
+    return write_image(path, rgb, quality)
 
 
 def make_image_folder(
@@ -39,15 +36,13 @@ def make_image_folder(
     Class i is a noisy image around a distinct colour, so tiny models can learn it. ``size`` is
     (height, width); each split gets ``per_class`` images per class. Returns ``root``.
     """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split_name in ("train", "val") if split else ("",):
-        for index, name in enumerate(classes):
-            colour = np.array(_PALETTE[index % len(_PALETTE)], dtype=np.float32)
-            for n in range(per_class):
-                pixels = colour + rng.normal(0, 25, (*size, 3))
-                write_jpeg(root / split_name / name / f"{n:03d}.jpg", np.clip(pixels, 0, 255).astype(np.uint8))
-    return root
+    def draw(label: int, rng: np.random.Generator) -> np.ndarray:
+        colour = np.array(_PALETTE[label % len(_PALETTE)], dtype=np.float32)
+        return np.clip(colour + rng.normal(0, 25, (*size, 3)), 0, 255).astype(np.uint8)
+
+    per_split = {"train": per_class, "val": per_class} if split else {"": per_class}
+    write_image_folder(root, classes, per_split, draw, seed=seed, name="{index:03d}.jpg", quality=95)
+    return Path(root)
 
 
 @pytest.fixture(name="make_image_folder")

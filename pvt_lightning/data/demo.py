@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -56,8 +57,8 @@ def ensure_demo_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
-            _write_split(staging / split, per_class, split_seed)
+        write_image_folder(staging, DEMO_CLASSES, {"train": train_per_class, "val": val_per_class}, draw_demo_image,
+                           seed=seed, quality=_JPEG_QUALITY)
         try:
             if target.exists():
                 target.rmdir()  # an empty leftover folder, which rename cannot replace
@@ -70,17 +71,43 @@ def ensure_demo_dataset(
     return target
 
 
-def _write_split(folder: Path, per_class: int, seed: int) -> None:
-    for label, name in enumerate(DEMO_CLASSES):
-        (folder / name).mkdir(parents=True)
-        for index in range(per_class):
-            rng = np.random.default_rng([seed, label, index])
-            image = draw_demo_image(label, rng)  # uint8 (S, S, 3) RGB
-            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                                       [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
-            if not ok:
-                raise RuntimeError(f"OpenCV could not encode a demo JPEG for {folder / name}")
-            (folder / name / f"{index:04d}.jpg").write_bytes(encoded.tobytes())
+def write_image(path: str | Path, image: np.ndarray, quality: int = 90) -> Path:
+    """Write an RGB (H, W, 3) or grey (H, W) uint8 array as a real image file; the suffix picks the format
+    (``quality`` applies to JPEG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(path.suffix, pixels, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode {path}")
+    path.write_bytes(encoded.tobytes())
+    return path
+
+
+def write_image_folder(
+    root: str | Path,
+    classes: Sequence[str],
+    per_split: Mapping[str, int],
+    draw: Callable[[int, np.random.Generator], np.ndarray],
+    *,
+    seed: int = 0,
+    name: str = "{index:04d}.jpg",
+    quality: int = 90,
+) -> list[Path]:
+    """Write a generated ImageFolder, ``root/<split>/<class>/<name>``, ``per_split[split]`` images per class.
+
+    Image ``index`` of class ``label`` in the ``s``-th split is ``draw(label, default_rng([seed + s, label,
+    index]))``, so the same arguments always give the same bytes. The split ``""`` writes ``root/<class>/``.
+    Returns the files written.
+    """
+    paths = []
+    for s, (split, count) in enumerate(per_split.items()):
+        for label, class_name in enumerate(classes):
+            for index in range(count):
+                image = draw(label, np.random.default_rng([seed + s, label, index]))
+                paths.append(write_image(Path(root) / split / class_name / name.format(index=index), image, quality))
+    return paths
 
 
 def draw_demo_image(label: int, rng: np.random.Generator, size: int = DEMO_FILE_SIZE) -> np.ndarray:

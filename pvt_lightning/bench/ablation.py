@@ -1,9 +1,9 @@
 """Linear SRA on vs off for one variant: a sweep over input sizes, where it starts paying off, plots.
 
 The reusable part of ``notebooks/linear_sra_ablation.ipynb`` (and of ``compare_runs.ipynb``'s
-tiny runs). Speed comes from ``pvt_lightning.benchmark`` (the two models measured interleaved,
-so drift of a shared machine hits both alike); trainings go through the project's CLI in a
-subprocess, so they write ordinary run directories that ``pvt_lightning.summary`` reads back.
+tiny runs). Speed comes from ``bench.timing`` (the two models measured interleaved, so drift of a
+shared machine hits both alike); trainings go through the project's CLI in a subprocess, so they
+write ordinary run directories that ``pvt_lightning.summary`` reads back.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from . import create_model, measure_complexity
-from .benchmark import compare_step_times, measure_peak_memory_here, paired_speed_ratio
+from ..models import create_model, measure_complexity
+from .memory import child_env, measure_peak_memory_here, release_memory, run_worker
+from .tables import markdown_table, write_csv
+from .timing import compare_step_times, paired_speed_ratio
 
 Size = tuple[int, int]
 SIZES: tuple[Size, ...] = ((224, 224), (384, 224), (448, 448), (512, 512), (640, 640), (768, 768), (1024, 1024))
@@ -51,8 +53,8 @@ def default_variant() -> str:
 def set_threads(threads: int | None) -> int:
     """Use ``threads`` CPU threads here and in the subprocesses this module starts (None: leave as is).
 
-    On a CPU shared with other jobs, fewer threads than cores avoids OpenMP threads waiting on each
-    other while descheduled, which can slow small ops down tens of times. Returns the count in use.
+    On a CPU shared with other jobs, fewer threads than cores keeps OpenMP threads from waiting on
+    each other while descheduled. Returns the count in use.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -119,51 +121,26 @@ def peak_memory(variant: str, sizes: Sequence[Size], batch_size: int, modes: Seq
     """
     spec = dict(variant=variant, sizes=[list(s) for s in sizes], batch_size=batch_size, modes=list(modes),
                 device=device, precision=precision, steps=steps)
-    code = "import sys, json; from pvt_lightning.ablation import _memory_worker; _memory_worker(json.loads(sys.argv[1]))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, env=_child_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement of {variant} failed:\n{proc.stderr[-2000:]}")
+    records = run_worker("pvt_lightning.bench.ablation", spec, timeout, f"memory measurement of {variant}")
     return {(r["size"], r["linear_sra"], r["mode"]): {"peak_mb": r["peak_mb"], "mem_mb": r["activations_mb"]}
-            for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+            for r in records}
 
 
-def _child_env() -> dict[str, str]:
-    """This environment, with this checkout first on the path and no run version inherited from a caller."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("PVT_LIGHTNING_RUN_VERSION", None)
-    env.setdefault("MPLBACKEND", "Agg")
-    return env
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _memory_worker(spec: dict) -> None:
+def memory_worker(spec: dict) -> None:
+    """Subprocess side of ``peak_memory``: prints one JSON record per (size, mode, linear SRA)."""
     records = []
     for size in spec["sizes"]:
         for mode in spec["modes"]:
             for linear in (False, True):
                 torch.manual_seed(0)
                 model = create_model(spec["variant"], linear_sra=linear).to(spec["device"])
-                _release_memory()
+                release_memory()
                 mem = measure_peak_memory_here(model, tuple(size), spec["batch_size"], mode, spec["device"],
                                                spec["precision"], spec["steps"])
                 records.append(dict(size=size_label(size), linear_sra=linear, mode=mode, peak_mb=mem.peak_mb,
                                     activations_mb=mem.activations_mb))
                 del model, mem
-                _release_memory()
+                release_memory()
     print(json.dumps(records))
 
 
@@ -200,13 +177,7 @@ def sort_sizes(sizes: Iterable[Sequence[int]]) -> list[Size]:
 
 def save_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """The sweep's raw numbers as CSV (one row per size and off/on)."""
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return Path(path)
+    return write_csv(rows, path)
 
 
 # --- reading the sweep ------------------------------------------------------------------------------------
@@ -244,20 +215,15 @@ def crossover(rows: Iterable[dict[str, Any]], metric: str, margin: float = 0.05)
 
 def ratio_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = tuple(METRICS)) -> str:
     """Markdown: per size, each metric off -> on and linear SRA's gain (x > 1 means on is better)."""
-    header = ["input"] + [METRICS[m][0] for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     columns = {m: {size: (off, on) for size, _, off, on in paired(rows, m)} for m in metrics}
-    sizes = [size for size, *_ in paired(rows, "gmacs")]
-    for size in sizes:
+    table = []
+    for size, *_ in paired(rows, "gmacs"):
         cells = [size]
         for m in metrics:
-            if size not in columns[m]:
-                cells.append("-")
-                continue
-            off, on = columns[m][size]
-            cells.append(f"{_num(off)} -> {_num(on)} ({gain(off, on, m):.2f}x)")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            off, on = columns[m].get(size, (None, None))
+            cells.append("-" if off is None else f"{_num(off)} -> {_num(on)} ({gain(off, on, m):.2f}x)")
+        table.append(cells)
+    return markdown_table(table, ["input"] + [METRICS[m][0] for m in metrics], fmt=str)
 
 
 def _num(value: float) -> str:
@@ -395,7 +361,7 @@ def run_cli(args: Sequence[str], echo: bool = True, timeout: float | None = None
     from the caller's. With ``echo``, prints the log, keeping only the final state of progress bars.
     """
     proc = subprocess.Popen([sys.executable, "-m", "pvt_lightning.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_child_env())
+                            stderr=subprocess.STDOUT, text=True, env=child_env())
     log = []
     deadline = None if timeout is None else time.monotonic() + timeout
     for line in proc.stdout:  # progress bars redraw with \r: keep what the line ends as
