@@ -1,31 +1,95 @@
-"""The PVTv2 family: architecture facts from REFERENCE.md, any input size, training behaviour."""
+"""The model family: each variant's record against measured counts and the docs' tables, any input size,
+training behaviour."""
+
+import functools
+from pathlib import Path
 
 import pytest
 import torch
 
 from pvt_lightning import create_model, measure_complexity
-from pvt_lightning.models import MIN_INPUT_SIZE, VARIANTS
+from pvt_lightning.models import MIN_INPUT_SIZE, VARIANT_SPECS, VARIANTS, Complexity, variant_spec
 
-# REFERENCE.md: exact parameter counts (M, 1000-class head) and FlopCounterMode GMACs at 224x224.
-REFERENCE = {
-    "b0": (3.67, 0.53), "b1": (14.01, 2.03), "b2": (25.36, 3.88), "b2_li": (22.55, 3.75),
-    "b3": (45.24, 6.68), "b4": (62.56, 9.79), "b5": (81.96, 11.35),
-}
-REFERENCE_GMACS_384x224 = {"b0": 0.90, "b2": 6.66, "b2_li": 6.27}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("variant", sorted(REFERENCE))
-def test_params_and_gmacs_match_reference(variant):
-    params_m, gmacs = REFERENCE[variant]
-    c = measure_complexity(create_model(variant), (224, 224))
-    assert round(c.params_m, 2) == params_m
-    assert abs(c.gmacs - gmacs) / gmacs < 0.03
+@functools.lru_cache(maxsize=None)
+def measured(variant: str, size: tuple[int, int]) -> Complexity:
+    """Params and GMACs counted on a meta-device model: shapes only, no compute."""
+    with torch.device("meta"):
+        model = create_model(variant)
+    return measure_complexity(model, size)
 
 
-@pytest.mark.parametrize("variant", sorted(REFERENCE_GMACS_384x224))
-def test_gmacs_non_square(variant):
-    gmacs = measure_complexity(create_model(variant), (384, 224)).gmacs
-    assert abs(gmacs - REFERENCE_GMACS_384x224[variant]) / REFERENCE_GMACS_384x224[variant] < 0.03
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_record_matches_measured_params_and_gmacs(variant):
+    """Published params are exact; GMACs (timm's FlopCounterMode counts) agree to rounding."""
+    spec = variant_spec(variant)
+    at_224, at_384x224 = measured(variant, (224, 224)), measured(variant, (384, 224))
+    assert round(at_224.params_m, 2) == spec.params_m
+    assert abs(at_224.gmacs - spec.gmacs) < 0.006
+    assert abs(at_384x224.gmacs - spec.gmacs_384x224) < 0.006
+    if spec.paper_gflops is not None:  # the paper also counts some element-wise work: a few percent above
+        assert 1.0 <= spec.paper_gflops / spec.gmacs < 1.15
+
+
+def markdown_rows(path: Path, heading: str) -> list[list[str]]:
+    """The cells of the first table under ``heading`` in a markdown file, header row excluded."""
+    text = path.read_text()
+    section = text[text.index(heading):]
+    rows = []
+    for line in section.splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows and not line.startswith("|"):
+            break
+    return rows[1:]
+
+
+def joined(values) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def test_readme_models_table_is_the_records():
+    """README's "Models" table: one row per record, in order; measured columns match a fresh count."""
+    rows = markdown_rows(ROOT / "README.md", "## Models")
+    assert [row[0] for row in rows] == list(VARIANTS)
+    for name, params, gmacs, total, gmacs_384, total_384, linear, top1 in rows:
+        spec = VARIANT_SPECS[name]
+        assert (params, gmacs, gmacs_384, top1) == (f"{spec.params_m:.2f}", f"{spec.gmacs:.2f}",
+                                                   f"{spec.gmacs_384x224:.2f}", f"{spec.top1:.1f}"), name
+        assert linear == ("-" if spec.family != "pvt_v2" else "yes" if spec.linear_sra else "no")
+        assert float(total) == pytest.approx(measured(name, (224, 224)).total_gmacs, abs=0.006), name
+        assert float(total_384) == pytest.approx(measured(name, (384, 224)).total_gmacs, abs=0.006), name
+
+
+def test_variants_doc_table_is_the_records():
+    rows = markdown_rows(ROOT / "docs" / "variants.md", "## The variants")
+    assert [row[0] for row in rows] == list(VARIANTS)
+    for name, dims, depths, mlp, linear, params, gmacs, gmacs_384, paper, top1 in rows:
+        spec = VARIANT_SPECS[name]
+        with torch.device("meta"):
+            channels = [info["num_chs"] for info in create_model(name).feature_info]
+        assert dims == joined(channels), name
+        if spec.family == "pvt_v2":
+            assert (depths, mlp) == (joined(spec.arch.depths), joined(spec.arch.mlp_ratios)), name
+            assert linear == ("yes" if spec.linear_sra else "no")
+        else:
+            assert (depths, mlp, linear) == (joined(spec.arch), "-", "-"), name
+        assert (params, gmacs, gmacs_384, top1) == (f"{spec.params_m:.2f}", f"{spec.gmacs:.2f}",
+                                                   f"{spec.gmacs_384x224:.2f}", f"{spec.top1:.1f}"), name
+        assert paper == ("-" if spec.paper_gflops is None else f"{spec.paper_gflops:.1f}"), name
+
+
+def test_recipe_defaults_come_from_the_records():
+    from pvt_lightning.models.registry import DEFAULT_DROP_PATH, DEFAULT_GRAD_CLIP, PVT_V2_CONFIGS
+
+    assert DEFAULT_DROP_PATH == {n: s.drop_path for n, s in VARIANT_SPECS.items()}
+    assert DEFAULT_GRAD_CLIP == {"b3": 1.0, "b4": 1.0, "b5": 1.0}  # the official recipe (docs/recipe.md)
+    assert {n: c.linear_sra for n, c in PVT_V2_CONFIGS.items()} == {
+        "b0": False, "b1": False, "b2": False, "b2_li": True, "b3": False, "b4": False, "b5": False}
 
 
 def test_b2_with_linear_sra_is_b2_li():

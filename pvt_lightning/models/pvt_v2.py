@@ -347,7 +347,7 @@ class PyramidVisionTransformerV2(nn.Module):
                              for i, dim in enumerate(config.embed_dims)]
         self.pretrained_cfg: dict = {}  # create_model fills it from the variant's record
         # Official rule: drop-path rate rises linearly over all blocks of all stages.
-        dpr = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(config.depths), device="cpu").tolist()  # also under a meta device
         stages, start, prev_dim = [], 0, in_chans
         for i, (dim, depth) in enumerate(zip(config.embed_dims, config.depths)):
             stages.append(Stage(
