@@ -183,12 +183,11 @@ class SpatialReductionAttention(nn.Module):
 def pool_tokens(x: torch.Tensor, hw: tuple[int, int], size: int) -> torch.Tensor:
     """Adaptive average pool of a token map to ``size x size``: (B, H*W, C) -> (B, size^2, C).
 
-    Pools the channels-last view of the tokens (no NCHW copy). Sides that are multiples of ``size``
-    use ``avg_pool2d`` with kernel = stride (the same bins); other sides, on CUDA, two small averaging
-    matmuls: PyTorch's channels-last adaptive-pool kernel runs one thread block per image when the
-    output is as small as 7x7 (the likely cause of timm's b2_li being slower than b2 on GPUs). On CPU
-    the three cost the same (torch 2.14, forward and backward); what matters there is the layout:
-    adaptive pooling of a channels-last map is 9x faster than of an NCHW-contiguous one.
+    Pools the channels-last view of the tokens: no NCHW copy, and on CPU adaptive pooling of a
+    channels-last map is much faster than of an NCHW-contiguous one. Sides that are multiples of
+    ``size`` use ``avg_pool2d`` with kernel = stride (the same bins); other sides, on CUDA, two small
+    averaging matmuls, because PyTorch's channels-last adaptive-pool kernel runs one thread block per
+    image when the output is as small as 7x7 (measurements: docs/performance.md).
     While exporting (ONNX, ``torch.export``) every size takes the matmul path, with matrices built from
     the symbolic H and W, so one exported graph pools any input size exactly.
     """
