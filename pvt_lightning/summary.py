@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .bench.tables import markdown_table, write_csv as write_table_csv
+
 SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"
 METRICS_CSV = "metrics.csv"
@@ -184,9 +186,7 @@ def display_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[s
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The table as GitHub Markdown."""
     header, cells = display_rows(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(line) + " |" for line in cells]
-    return "\n".join(lines) + "\n"
+    return markdown_table(cells, header, fmt=str)
 
 
 def format_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -199,10 +199,7 @@ def format_text(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Raw numbers (fractions, seconds, MB), one row per run, columns ``COLUMNS``."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table_csv(rows, path, COLUMNS)
 
 
 def plot_runs(logdir: str | Path, tags: Sequence[str], out_path: str | Path, filter: str | None = None) -> list[str]:
@@ -293,12 +290,10 @@ def format_per_class_markdown(groups: Sequence[dict[str, Any]]) -> str:
     parts = []
     for group in groups:
         header, cells, _ = per_class_rows(group)
-        lines = [f"{len(group['runs'])} runs on {len(group['classes'])} classes "
+        title = (f"{len(group['runs'])} runs on {len(group['classes'])} classes "
                  f"({', '.join(group['classes'][:5])}{', ...' if len(group['classes']) > 5 else ''}); "
-                 "precision / recall in % at the last validated epoch", "",
-                 "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(line) + " |" for line in cells]
-        parts.append("\n".join(lines) + "\n")
+                 "precision / recall in % at the last validated epoch")
+        parts.append(title + "\n\n" + markdown_table(cells, header, fmt=str))
     return "\n".join(parts)
 
 
@@ -317,10 +312,6 @@ def format_per_class_text(groups: Sequence[dict[str, Any]], limit: int = 30) -> 
 
 def write_per_class_csv(groups: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Long format, raw fractions: one row per run and class, columns ``PER_CLASS_COLUMNS``."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PER_CLASS_COLUMNS)
-        writer.writeheader()
-        for group in groups:
-            for run, values in group["runs"].items():
-                for name, metrics in values.items():
-                    writer.writerow({"run": run, "class": name, **metrics})
+    rows = [{"run": run, "class": name, **metrics}
+            for group in groups for run, values in group["runs"].items() for name, metrics in values.items()]
+    write_table_csv(rows, path, PER_CLASS_COLUMNS)
