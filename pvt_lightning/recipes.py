@@ -10,7 +10,8 @@ the recipe, the reason and each resolved value.
   thousand it underfits (scikit-learn's digits, b0, 30 epochs: 0.84 val accuracy).
 - ``small``: from scratch on small data: lr 1e-3 at batch 64 (8e-3 per 512), 2 warm-up epochs, no
   MixUp/CutMix, basic augmentation (random resized crop + flip), drop path at most 0.1.
-- ``finetune``: from pretrained weights, after DeiT/BEiT/ConvNeXt fine-tuning practice: 30 epochs,
+- ``finetune``: from pretrained weights, after DeiT/BEiT/ConvNeXt fine-tuning practice: 30 epochs (fewer
+  above 1.28M images, at most 30 ImageNet-1k epochs' worth of images),
   lr 2e-4 per 512 (2.5x below the paper's) with layer-wise decay (the stem learns at 1/10 of the
   head's rate), 1 warm-up epoch, basic augmentation, MixUp 0.1 only on 20k+ images (BiT's rule),
   drop path at most 0.1.
@@ -38,6 +39,10 @@ SMALL_DATASET = 50_000
 
 MIXUP_FINETUNE_MIN_IMAGES = 20_000
 """BiT's fine-tuning rule: MixUp (alpha 0.1) only from this many training images on."""
+
+FINETUNE_IMAGES_SEEN = 30 * 1_281_167
+"""The longest fine-tuning budget in DeiT/Swin/ConvNeXt practice: 30 epochs of ImageNet-1k. Larger datasets get
+fewer epochs (3M images: 13), smaller ones 30."""
 
 FINETUNE_STEM_LR = 0.1
 """Under the fine-tuning recipe's layer decay, the stem learns at this fraction of the head's rate."""
@@ -108,7 +113,8 @@ def choose_recipe(requested: str, *, pretrained: bool, num_train_images: int, de
             why += f"; built-in demo: {DEMO_EPOCHS} epochs"
         return Recipe("small", why + "; from scratch on small data", values)
     values = {**FINETUNE, "drop_path": min(0.1, DEFAULT_DROP_PATH[variant]),
-              "layer_decay": finetune_layer_decay(variant)}
+              "layer_decay": finetune_layer_decay(variant),
+              "epochs": max(1, min(30, round(FINETUNE_IMAGES_SEEN / max(1, num_train_images))))}
     if num_train_images >= MIXUP_FINETUNE_MIN_IMAGES:
         values["mixup"] = 0.1
     return Recipe("finetune", why + "; fine-tuning pretrained weights", values)

@@ -377,7 +377,7 @@ def test_balanced_sampler_under_two_process_ddp(tmp_path):
                                          sampler="balanced")
             trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                                limit_val_batches=0)
+                                limit_val_batches=0, callbacks=[Record()])
             trainer.fit(module, datamodule=data)
         """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
