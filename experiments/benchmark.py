@@ -4,6 +4,7 @@
     python experiments/benchmark.py --variants b0 b2 b2_li --sizes 224x224 384x224
     python experiments/benchmark.py --variants b2 --modes train --grad-checkpointing
     python experiments/benchmark.py --data-loader --sizes 224x224
+    python experiments/benchmark.py --onnx --variants b0 b2 --onnx-batch-sizes 1 16 --threads 2
 
 Each PVTv2 variant is timed against timm's ``pvt_v2_*`` (resnet50 against torchvision's) carrying
 the same weights, in this process, one step of each in turn (A B B A ...), so drift of a shared
@@ -13,6 +14,10 @@ after warm-up). The ratio (ours / reference speed) is the median over step pairs
 with fewer than 6 pairs, none with 1). A ratio whose interval holds 1.00 is a tie on this machine.
 Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
 Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes.
+
+``--onnx`` times onnxruntime (CPU; the CUDA execution provider with ``--device cuda`` where onnxruntime
+has it) running one dynamic ONNX export per variant against eager PyTorch with the same weights, the
+same way: interleaved step by step, ratio = onnxruntime speed / eager speed with its 95% interval.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +41,8 @@ from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity, v
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
            "pct_of_peak"]
+ONNX_COLUMNS = ["variant", "size", "batch", "threads", "provider", "eager_img_s", "onnx_img_s", "ratio", "ratio_lo",
+                "ratio_hi", "max_abs_diff", "export_s"]
 DATA_COLUMNS = ["pipeline", "size", "images", "workers", "img_s", "img_s_per_worker", "ratio_vs_torchvision"]
 TORCHVISION_PIPELINE = "torchvision + PIL (float, normalised)"
 
@@ -87,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-loader", action="store_true",
                    help="measure decode+augment images/s per worker: our pipeline vs torchvision+PIL")
     p.add_argument("--images", type=int, default=64, help="--data-loader: number of generated 500x375 JPEGs")
+    p.add_argument("--onnx", action="store_true",
+                   help="time onnxruntime on a dynamic ONNX export of each variant against eager PyTorch (inference)")
+    p.add_argument("--onnx-batch-sizes", type=int, nargs="+", default=None,
+                   help="--onnx: batch sizes to time, one export serving all (default: --batch-size)")
+    p.add_argument("--onnx-dir", type=Path, default=None,
+                   help="--onnx: keep the exported <variant>.onnx files here and reuse them (default: a temp folder)")
     p.add_argument("--workers", type=int, default=0,
                    help="--data-loader: also time the real training DataLoader with this many worker processes "
                         "(ours and torchvision ImageFolder), total images/s")
@@ -109,6 +123,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--device cuda: no CUDA GPU is visible here; use --device cpu")
     if args.precision == "16-mixed" and args.device == "cpu":
         raise UsageError("--precision 16-mixed needs a GPU; on CPU use bf16-mixed")
+    if args.onnx and (args.precision != "32" or args.compile or args.grad_checkpointing or args.data_loader):
+        raise UsageError("--onnx times fp32 inference only; drop --precision/--compile/--grad-checkpointing/"
+                         "--data-loader")
+    args.onnx_batch_sizes = args.onnx_batch_sizes or [args.batch_size]
+    if min(args.onnx_batch_sizes) < 1:
+        raise UsageError("--onnx-batch-sizes must be at least 1")
     if args.grad_checkpointing and "resnet50" in args.variants:
         raise UsageError("--grad-checkpointing applies to PVTv2 variants only; drop resnet50 from --variants")
 
@@ -184,6 +204,71 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                       f"peak MB ours {fmt(row['ours_peak_mb'], 0)} ref {fmt(row['ref_peak_mb'], 0)}  "
                       f"{row['ours_gflop_s']:.1f} GFLOP/s ({row['pct_of_peak']:.0f}% of peak)", flush=True)
     return rows
+
+
+# --- onnxruntime vs eager -------------------------------------------------------------------------------
+
+def onnx_export_for(variant: str, model: torch.nn.Module, folder: Path) -> tuple[Path, float | None]:
+    """``folder/<variant>.onnx``, a dynamic export of ``model`` (reused if a dynamic export of it is there);
+    with the export time in seconds, None when reused."""
+    from pvt_lightning.export import export_model, read_metadata
+
+    path = folder / f"{variant}.onnx"
+    if path.is_file():
+        meta = read_metadata(path)
+        if meta.variant == variant and meta.dynamic_size and meta.dynamic_batch:
+            return path, None
+    start = time.perf_counter()
+    export_model(model, path, dynamic=True, overwrite=path.exists())
+    return path, time.perf_counter() - start
+
+
+def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
+    """One row per variant, size and batch: onnxruntime and eager images/s, interleaved, and their ratio."""
+    import tempfile
+
+    from pvt_lightning.export import OnnxClassifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.onnx_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for variant in args.variants:
+            torch.manual_seed(0)
+            eager = reference.build_model(variant, "ours").eval()
+            path, export_s = onnx_export_for(variant, eager, folder)
+            runtime = OnnxClassifier(path, device=args.device, threads=torch.get_num_threads())
+            provider = runtime.session.get_providers()[0].removesuffix("ExecutionProvider")
+            eager = eager.to(args.device)
+            for size in args.sizes:
+                for batch in args.onnx_batch_sizes:
+                    times: list[list[float]] = [[], []]
+                    for _ in range(args.repeats):
+                        for pooled, new in zip(times, timing.compare_step_times(
+                                [runtime, eager], size, batch, "infer", args.device, "32", args.steps, args.warmup)):
+                            pooled += new
+                    with torch.inference_mode():
+                        x = torch.randn(batch, 3, *size, device=args.device)
+                        diff = (runtime(x) - eager(x)).abs().max().item()
+                    ratio = timing.paired_speed_ratio(times[0], times[1])  # > 1: onnxruntime faster
+                    row = dict(variant=variant, size=f"{size[0]}x{size[1]}", batch=batch, threads=torch.get_num_threads(),
+                               provider=provider, eager_img_s=batch / statistics.median(times[1]),
+                               onnx_img_s=batch / statistics.median(times[0]), ratio=ratio.median,
+                               ratio_lo=ratio.low, ratio_hi=ratio.high, max_abs_diff=f"{diff:.1e}", export_s=export_s)
+                    rows.append(row)
+                    save(rows)
+                    print(f"{variant:8s} {row['size']:>8s} batch {batch:3d}  eager {row['eager_img_s']:7.2f} img/s  "
+                          f"onnxruntime ({provider}) {row['onnx_img_s']:7.2f} img/s  ratio {ratio.median:.3f} "
+                          f"[{ratio.low:.3f}, {ratio.high:.3f}]  max |diff| {diff:.1e}", flush=True)
+    return rows
+
+
+def load_line() -> str:
+    """The machine's load now: figures from a shared machine mean little without it."""
+    import os
+
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
 # --- data loading ------------------------------------------------------------------------------------
@@ -305,6 +390,12 @@ def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
             f"batch {args.batch_size}, warm-up {args.warmup}, {args.steps} timed steps x {args.repeats} repeats.")
 
 
+def onnxruntime_version() -> str:
+    from pvt_lightning.export import require
+
+    return require("onnxruntime").__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line message on malformed flags
@@ -317,7 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.kept_freed_memory = False if args.default_malloc else keep_freed_memory()
-    if args.data_loader:
+    if args.onnx:
+        start_load = load_line()
+        print(f"{machine_line(args, None)} At the start: {start_load}.", flush=True)
+
+        def save_onnx(rows):
+            batches = "batch " + "/".join(str(b) for b in args.onnx_batch_sizes)
+            header = (machine_line(args, None).replace(f"batch {args.batch_size}", batches) + f" onnxruntime {onnxruntime_version()}. At the start: {start_load}; "
+                      f"at the last row: {load_line()}.")
+            return write_outputs(rows, ONNX_COLUMNS, args.out, args.tag, header)
+
+        paths = save_onnx(run_onnx(args, save_onnx))
+    elif args.data_loader:
         rows = run_data_loader(args)
         paths = write_outputs(rows, DATA_COLUMNS, args.out, f"{args.tag}_data", machine_line(args, None))
     else:

@@ -275,3 +275,46 @@ def test_cli_exports_a_trained_checkpoint(trained, tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "already exists" in again.stderr.strip().splitlines()[-1]
+
+
+# --- experiments/benchmark.py --onnx ----------------------------------------------------------------------------
+
+def load_benchmark_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "experiments" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "bf16-mixed"], "--onnx times fp32 inference only"),
+    (["--onnx-batch-sizes", "0"], "--onnx-batch-sizes must be at least 1"),
+])
+def test_benchmark_onnx_bad_flags_exit_2(flags, message, capsys):
+    status = load_benchmark_script().main(["--onnx", *flags, "--out", "/nonexistent/never-written"])
+    assert status == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_onnx_writes_complete_rows(tmp_path):
+    onnx_dir = tmp_path / "exports"
+    argv = [sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--onnx", "--variants", "b0", "--sizes",
+            "64x64", "96x64", "--onnx-batch-sizes", "1", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
+            "--onnx-dir", str(onnx_dir), "--out", str(tmp_path), "--tag", "onnx"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "onnx.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["size"], r["batch"]) for r in rows] == [("64x64", "1"), ("64x64", "2"), ("96x64", "1"), ("96x64", "2")]
+    for row in rows:  # one dynamic export served both sizes and batches, and matched eager on the timed inputs
+        assert row["provider"] == "CPU" and float(row["max_abs_diff"]) <= 1e-4
+        assert float(row["ratio_lo"]) <= float(row["ratio"]) <= float(row["ratio_hi"])
+        assert float(row["eager_img_s"]) > 0 and float(row["onnx_img_s"]) > 0
+    assert [p.name for p in onnx_dir.iterdir()] == ["b0.onnx"]
+    assert "load average" in (tmp_path / "onnx.md").read_text().splitlines()[0]
+    again = subprocess.run(argv[:-2] + ["--tag", "again"], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert again.returncode == 0, again.stderr
+    with open(tmp_path / "again.csv") as f:
+        assert all(r["export_s"] == "" for r in csv.DictReader(f))  # the export was reused
