@@ -44,6 +44,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     LightningModule receives ``(images float (B, 3, H, W), targets int64 (B,))``, and predict batches
     ``(images, paths)``. ``img_size`` is (height, width); non-square sizes work.
 
+    ``augment_device``: "gpu" moves training augmentation onto the device (gpu_augment.py: workers only
+    decode and pad, each batch is cropped, flipped, coloured and normalised there, with the same random laws);
+    "cpu" keeps it in the workers; "auto" (default) takes the GPU path when training runs on CUDA.
+
     Unreadable images (corrupt, not regular files, over the ``max_image_pixels`` budget) follow
     ``bad_images``: "skip" leaves them out and counts them (``bad_image_paths``, ``bad_images_report``),
     "error" stops with the path. Under "skip", batches can shrink, and an evaluation or prediction batch
