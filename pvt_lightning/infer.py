@@ -140,6 +140,7 @@ def predict(config: RunConfig) -> int:
     datamodule = ImageFolderDataModule.for_prediction(
         Path(config.predict).expanduser(), img_size=tuple(config.img_size), batch_size=config.batch_size,
         num_workers=config.num_workers, crop_pct=config.crop_pct, bad_images=config.bad_images,
+        max_image_pixels=config.max_image_pixels,
         **{key: tuple(module.hparams[key]) for key in ("mean", "std") if key in module.hparams},
     )
     writer = PredictionCsvWriter(output, class_names, overwrite=config.overwrite, operating_point=point,
@@ -149,6 +150,8 @@ def predict(config: RunConfig) -> int:
     if trainer.is_global_zero:
         rows = writer.finish(trainer.world_size)
         say(f"Predicted {rows} images -> {output}")
+        if (skipped := datamodule.bad_images_report()) is not None:
+            say(skipped)
     return 0
 
 

@@ -204,12 +204,23 @@ def default_run_name(config: RunConfig) -> str:
     return f"{name}_{config.img_size[0]}x{config.img_size[1]}"
 
 
+def run_root_of(config: RunConfig) -> Path:
+    return Path(config.logdir).expanduser() / (config.name or default_run_name(config))
+
+
+def resume_checkpoint(config: RunConfig) -> Path | None:
+    """The checkpoint ``--resume`` names: a path, or ``last`` = the newest last.ckpt of the run --name."""
+    if config.resume is None:
+        return None
+    return find_last_checkpoint(run_root_of(config)) if config.resume == "last" else Path(config.resume).expanduser()
+
+
 def open_run(config: RunConfig) -> RunPaths:
     """The run's version folder: the one a resumed checkpoint lives in, else a newly claimed one."""
-    run_root = Path(config.logdir).expanduser() / (config.name or default_run_name(config))
-    if config.resume is None:
+    run_root = run_root_of(config)
+    resume_from = resume_checkpoint(config)
+    if resume_from is None:
         return RunPaths(shared_version_dir(run_root))
-    resume_from = find_last_checkpoint(run_root) if config.resume == "last" else Path(config.resume).expanduser()
     folder = version_dir_of(resume_from)
     if folder is None:  # a checkpoint from elsewhere: continue it in a new folder of this run
         return RunPaths(shared_version_dir(run_root), resume_from)

@@ -33,8 +33,10 @@ def train(config: RunConfig) -> int:
     config, recipe = resolve_recipe(config, datamodule.split_sizes()["train"], demo)
     datamodule.augment = config.augment  # the recipe's choice; loaders are built later, at fit
     check_class_options(config, datamodule.class_names)
+    check_resume(config, datamodule.class_names)
 
     paths = open_run(config)
+    datamodule.bad_images_file = paths.run_dir / "bad_images.txt"  # kept with the run; written only if any
     try:
         callbacks, checkpoint = make_callbacks(config, paths, datamodule.class_names)
         trainer = make_trainer(config, paths, callbacks)
@@ -62,14 +64,31 @@ def train(config: RunConfig) -> int:
     summary.update(class_balance(config, datamodule, module))
     write_summary(paths, summary)
     say(final_line(paths, summary))
+    if (skipped := datamodule.bad_images_report()) is not None:
+        say(skipped)
     return 0
 
 
 def fit(trainer: Trainer, module, datamodule, config: RunConfig, paths: RunPaths) -> None:
     from .reliability import explain_stops
 
-    with explain_stops(trainer, config):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(paths.resume_from) if paths.resume_from else None)
+    try:
+        with explain_stops(trainer, config):
+            trainer.fit(module, datamodule=datamodule,
+                        ckpt_path=str(paths.resume_from) if paths.resume_from else None)
+    except BaseException as err:
+        if trainer.is_global_zero and not list(paths.checkpoints.glob("*.ckpt")):
+            note_failed_start(paths, err)
+        raise
+
+
+def note_failed_start(paths: RunPaths, err: BaseException) -> None:
+    """A run that stopped before its first checkpoint says why in its folder (``failed.txt``)."""
+    from .rundir import write_file
+
+    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    write_file(paths.run_dir / "failed.txt", f"This run stopped before its first checkpoint.\n{reason}\n",
+               overwrite=True)
 
 
 def data_source(config: RunConfig) -> tuple[Path, bool]:
@@ -119,6 +138,17 @@ def check_class_options(config: RunConfig, class_names: list[str]) -> None:
     if len(parts) == 3 and parts[2] not in class_names:
         raise UsageError(f"--monitor {config.monitor}: {parts[2]!r} is not a class of the data; classes: "
                          f"{', '.join(class_names)}")
+
+
+def check_resume(config: RunConfig, class_names: list[str]) -> None:
+    """``--resume`` only continues the same run: same model, input size and classes (else use --pretrained)."""
+    from .models.checkpoints import check_resume_compatible, inspect_checkpoint
+    from .rundir import resume_checkpoint
+
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is not None:
+        check_resume_compatible(inspect_checkpoint(checkpoint), config.variant, config.img_size, class_names,
+                                config.linear_sra)
 
 
 def scaled_lr(config: RunConfig, trainer: Trainer) -> float:

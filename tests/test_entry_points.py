@@ -182,3 +182,21 @@ def test_two_runs_started_together_under_one_name_get_two_folders(data, tmp_path
         run_dir = tmp_path / "runs" / "same" / folder
         assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1, "each run writes only its own events"
         assert json.loads((run_dir / "summary.json").read_text())["checkpoints"]["last"].startswith(str(run_dir))
+
+
+def test_resume_refuses_a_checkpoint_of_other_classes(data, tmp_path, capsys):
+    import shutil
+
+    assert main([*TINY, "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name",
+                 "ab"]) == 0
+    other = tmp_path / "ac"
+    shutil.copytree(data, other)
+    for split in ("train", "val"):
+        (other / split / "b").rename(other / split / "c")
+    last = tmp_path / "runs" / "ab" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main([*TINY, "--batch-size", "4", "--data", str(other), "--logdir", str(tmp_path / "runs"), "--name",
+                 "ac", "--resume", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot --resume" in err and "--pretrained" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "ac").exists(), "a refused resume claims no folder"
