@@ -93,10 +93,11 @@ def test_recipe_defaults_come_from_the_records():
 
 
 def test_b2_with_linear_sra_is_b2_li():
-    b2_li = create_model("b2", linear_sra=True)
-    assert sum(p.numel() for p in b2_li.parameters()) == sum(p.numel() for p in create_model("b2_li").parameters())
-    assert b2_li.state_dict().keys() == create_model("b2_li").state_dict().keys()
-    assert create_model("b2_li", linear_sra=False).state_dict().keys() == create_model("b2").state_dict().keys()
+    with torch.device("meta"):  # shapes and names only
+        b2_li, b2_with, b2, b2_li_without = (create_model("b2_li"), create_model("b2", linear_sra=True),
+                                             create_model("b2"), create_model("b2_li", linear_sra=False))
+    assert {k: v.shape for k, v in b2_with.state_dict().items()} == {k: v.shape for k, v in b2_li.state_dict().items()}
+    assert {k: v.shape for k, v in b2_li_without.state_dict().items()} == {k: v.shape for k, v in b2.state_dict().items()}
 
 
 def test_names_prefix_and_unknown():
@@ -129,17 +130,6 @@ def test_any_input_size_and_feature_strides(size):
 def test_too_small_input_names_minimum():
     with pytest.raises(ValueError, match=str(MIN_INPUT_SIZE)):
         create_model("b0")(torch.randn(1, 3, 31, 64))
-
-
-def test_reset_classifier_and_headless():
-    model = create_model("b0")
-    model.reset_classifier(7)
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
-    assert create_model("b0", num_classes=0)(torch.randn(1, 3, 64, 64)).shape == (1, 256)
-    resnet = create_model("resnet50", num_classes=4)
-    assert resnet(torch.randn(1, 3, 64, 96)).shape == (1, 4)
-    resnet.reset_classifier(2)
-    assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 2)
 
 
 def test_overrides_and_drop_path_rule():
@@ -196,10 +186,12 @@ def test_grad_checkpointing_gives_same_gradients(linear_sra):
 
 
 def test_attention_macs_are_counted_and_reported_apart(monkeypatch):
-    """b0 at 448x448: q.k^T and attn.v of every block cost N queries x M keys x C channels, twice."""
+    """b0 at 448x448: q.k^T and attn.v of every block cost N queries x M keys x C channels, twice.
+    (Counted on the meta device: the counter sees the same ops, without computing them.)"""
     import torch.nn.functional as F
 
-    model = create_model("b0")
+    with torch.device("meta"):
+        model, li_model = create_model("b0"), create_model("b0", linear_sra=True)
     counted = measure_complexity(model, (448, 448))
     stages = [(112 * 112, 14 * 14, 32), (56 * 56, 14 * 14, 64), (28 * 28, 14 * 14, 160), (14 * 14, 14 * 14, 256)]
     expected = sum(2 * 2 * n * m * c for n, m, c in stages) / 1e9  # 2 blocks per stage, 2 matmuls per block
@@ -208,5 +200,5 @@ def test_attention_macs_are_counted_and_reported_apart(monkeypatch):
     without_attention = measure_complexity(model, (448, 448))
     # With attention nulled the counter sees only convolutions and linear layers: exactly our ``gmacs``.
     assert counted.gmacs == pytest.approx(without_attention.total_gmacs, rel=1e-9)
-    li = measure_complexity(create_model("b0", linear_sra=True), (448, 448))
+    li = measure_complexity(li_model, (448, 448))
     assert li.attention_gmacs == pytest.approx(sum(2 * 2 * n * 49 * c for n, _, c in stages) / 1e9, rel=1e-9)

@@ -1,7 +1,6 @@
 """timm's model contract on every variant and on resnet50, with timm's own ``pvt_v2_*`` as the reference.
 
-Each model is built once (module-scoped) and run on one 32x64 image, so b5 stays fast. Shapes are
-compared with timm's models on the meta device (shapes only, no compute).
+Each model is built once (module-scoped) and run on one 32x64 image, so b5 stays fast.
 """
 
 import copy
@@ -12,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_lightning import create_model
+from pvt_lightning.bench.reference import reference_with_same_weights
 from pvt_lightning.models import VARIANTS, FeatureBackbone, ResNetClassifier, variant_spec
 
-timm = pytest.importorskip("timm")
+pytest.importorskip("timm")
 
 SIZE = (32, 64)  # (H, W): non-square, the smallest PVTv2 input, every stage's side a whole number
 STRIDES = [4, 8, 16, 32]
@@ -69,28 +69,23 @@ def test_forward_intermediates_gives_four_maps_at_strides_4_to_32(built):
         model.forward_intermediates(x, indices=[4])
 
 
-def test_same_shapes_and_preprocessing_as_timm(built):
-    """The same calls on timm's model give the same shapes (both on the meta device: no compute)."""
-    name, model, x, _ = built
-    library, _, ref_name = variant_spec(name).reference.partition(":")
-    if library != "timm":
+def test_timm_gives_the_same_maps_shapes_and_preprocessing(built):
+    """timm's own model, carrying our weights, answers the same calls with the same shapes and values."""
+    name, model, x, out = built
+    if not variant_spec(name).reference.startswith("timm:"):
         pytest.skip(f"{name}'s reference is not a timm model (resnet50: its stem is not an intermediate here)")
-    with torch.device("meta"):
-        ref = timm.create_model(ref_name, pretrained=False).eval()
-        ours = create_model(name).eval()
-    meta_x = x.to("meta")
+    ref = reference_with_same_weights(model, name).eval()
     with torch.no_grad():
-        for call in (
-            lambda m: [m.forward_features(meta_x)],
-            lambda m: [m.forward_head(m.forward_features(meta_x), pre_logits=True)],
-            lambda m: [m(meta_x)],
-            lambda m: m.forward_intermediates(meta_x, intermediates_only=True),
-            lambda m: [m.forward_intermediates(meta_x)[0]],
-            # timm's index rule: an int takes the last n stages, a sequence those stages (negative from the end)
-            lambda m: m.forward_intermediates(meta_x, indices=2, intermediates_only=True),
-            lambda m: m.forward_intermediates(meta_x, indices=[0, -1], stop_early=True, intermediates_only=True),
-        ):
-            assert shapes(call(ours)) == shapes(call(ref))
+        ref_final, ref_maps = ref.forward_intermediates(x)
+        final, maps = out["intermediates"]
+        assert shapes([final, *maps]) == shapes([ref_final, *ref_maps])
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(maps, ref_maps))
+        assert ref.forward_features(x).shape == out["features"].shape
+        assert ref.forward_head(ref_final, pre_logits=True).shape == out["pooled"].shape
+        # timm's index rule: an int takes the last n stages, a sequence those stages (negative from the end)
+        for kwargs in (dict(indices=2), dict(indices=[0, -1], stop_early=True)):
+            assert shapes(model.forward_intermediates(x, intermediates_only=True, **kwargs)) == shapes(
+                ref.forward_intermediates(x, intermediates_only=True, **kwargs)), kwargs
     assert model.num_features == ref.num_features
     assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == [
         (i["num_chs"], i["reduction"]) for i in ref.feature_info]
@@ -145,6 +140,7 @@ def test_reset_classifier_and_pooling(name):
         assert torch.equal(model(x), model.forward_head(model.forward_features(x), pre_logits=True))
     model.reset_classifier(0, global_pool="")
     assert model(x).shape == (1, model.num_features, 1, 1)  # unpooled last map
+    assert create_model(name, num_classes=0).eval()(x).shape == (1, model.num_features)  # headless: pooled features
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(3, global_pool="max")
 
