@@ -87,10 +87,10 @@ class RunConfig:
     bad_images: Literal["skip", "error"] = option("skip", "unreadable image files: skip them (listed and counted) "
                                                   "or stop with the path", "data")
     verify_images: bool = option(False, "decode every image once before training and exclude the bad ones", "data")
-
     max_image_pixels: NonNegativeInt = option(DEFAULT_MAX_IMAGE_PIXELS, "pixel budget per image, read from the file "
                                               "header before decoding; larger images count as unreadable "
                                               "(decompression bombs); 0: no limit", "data")
+
     # --- recipe
     recipe: Literal[RECIPE_NAMES] = option("auto", "defaults for the fields below that you leave unset; auto "
                                            "chooses from the data (see README)", "recipe")
@@ -344,8 +344,6 @@ def validate(config: RunConfig) -> None:
         (config.monitor.startswith("val/"), f"--monitor {config.monitor}: choose a validation metric such as "
                                             "val/acc, val/f1, val/loss or val/recall/<class>"),
         (is_pvt_v2(config.variant) or not config.linear_sra, "--linear-sra applies to PVTv2 variants, not resnet50"),
-        (is_pvt_v2(config.variant) or not config.grad_checkpointing, "--grad-checkpointing applies to PVTv2 "
-                                                                      "variants, not resnet50"),
         (not (config.predict and not config.checkpoint), "--predict DIR needs --checkpoint CKPT"),
         (not (config.evaluate and config.predict), "--evaluate and --predict are separate jobs: give one of them"),
         (config.target_precision is None or config.target_recall is None,
