@@ -31,6 +31,7 @@ def probe(opt_out: bool) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+@pytest.mark.slow
 def test_freed_buffers_are_reused_without_page_faults():
     applied, faults = probe(opt_out=False)
     assert applied == "True"

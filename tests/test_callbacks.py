@@ -36,6 +36,7 @@ from pvt_lightning.callbacks import (
     default_callbacks,
     format_epoch_line,
     process_tree_pss,
+    proportional_set_size,
     worst_rank,
 )
 
@@ -176,6 +177,7 @@ def test_cuda_peak_memory_sees_an_allocation_and_resets():
     assert probe.stop()[0] < 256
 
 
+@pytest.mark.slow
 def test_process_tree_pss_counts_children_and_skips_other_ranks():
     """A child holding 200 MB is counted (as data-loader workers are) unless its pid is skipped (another rank)."""
     import psutil
@@ -390,3 +392,13 @@ def main_ddp(data: Path, logdir: Path, name: str) -> None:
 
 if __name__ == "__main__":
     main_ddp(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+
+
+def test_proportional_set_size_counts_shared_pages_once():
+    """PSS is at most RSS (shared pages are split between the processes sharing them) and never zero."""
+    import psutil
+
+    me = psutil.Process()
+    pss = proportional_set_size(me.pid)
+    assert 0 < pss <= me.memory_info().rss
+    assert process_tree_pss(me) >= pss

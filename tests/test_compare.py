@@ -84,6 +84,7 @@ def test_markdown_table_has_the_seed_columns(tmp_path):
     assert "| 80.0 / 70.0 | 90.0 |" in row and "| 10.0 s | 900 MB RSS |" in row
 
 
+@pytest.mark.slow
 def test_no_runs_is_a_clear_error_exit_2(tmp_path):
     done = compare("--logdir", str(tmp_path), "--out", str(tmp_path / "out"))
     assert done.returncode == 2

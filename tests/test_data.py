@@ -435,6 +435,7 @@ def test_half_written_demo_folder_is_reported_not_used(tmp_path):
 # ------------------------------------------------------------------------------------------ digits
 
 
+@pytest.mark.slow
 def test_make_digits_writes_the_real_sklearn_digits_as_an_image_folder(tmp_path):
     from sklearn.datasets import load_digits
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import threading
 from pathlib import Path
@@ -124,6 +125,14 @@ def test_evaluate_refuses_to_overwrite_the_checkpoint(data, tmp_path, capsys):
     before = last.read_bytes()
     assert main(["--evaluate", str(last), "--data", str(data), "--output", str(last), "--num-workers", "0"]) == 2
     assert "already exists" in capsys.readouterr().err and last.read_bytes() == before
+
+    predictions = tmp_path / "out" / "predictions.csv"  # its folder does not exist yet
+    assert main(["--predict", str(data / "val"), "--checkpoint", str(last), "--output", str(predictions),
+                 "--num-workers", "0", "--batch-size", "3"]) == 0
+    rows = list(csv.DictReader(predictions.open()))
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in (data / "val").rglob("*.jpg"))
+    assert all(row["class"] in ("a", "b") and 0 < float(row["probability"]) <= 1 for row in rows)
+    assert not list(predictions.parent.glob(".*")), "no temporary or part files are left behind"
 
 
 def test_slurm_requeue_reuses_the_jobs_version_folder(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ def test_dependency_policy():
     assert "timm" not in runtime  # a test / benchmark reference only
 
 
+@pytest.mark.slow
 def test_console_script_and_run_py_help():
     script = shutil.which("pvt-lightning")
     assert script, "pvt-lightning console script not installed (pip install -e .)"

@@ -172,6 +172,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(work
 
 
 @needs_sigterm_senders
+@pytest.mark.slow
 def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
     """A SIGTERM from another process (a scheduler's) leaves the worker serving; at interpreter exit the main
     process terminates its still-running persistent workers and waits, which must not hang."""
@@ -210,6 +211,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tmp_path
     assert AtomicCheckpointIO().load_checkpoint(path)["step"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     for attempt in range(5):  # until a kill lands inside a save (its temp file is left behind)

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.slow  # end to end through experiments/run.py in subprocesses; test_entry_points.py is the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 CLASSES = ("cat", "dog", "fox")
