@@ -77,7 +77,7 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_nam
     precision = per_class(MulticlassPrecision(num_classes, average=None))
     recall = per_class(MulticlassRecall(num_classes, average=None))
     f1 = per_class(MulticlassF1Score(num_classes, average=None))
-    ap = per_class(MulticlassAveragePrecision(num_classes, average=None))
+    ap = [None if math.isnan(v) else v for v in per_class(MulticlassAveragePrecision(num_classes, average=None))]
     support = torch.bincount(targets, minlength=num_classes).tolist()
     confusion = MulticlassConfusionMatrix(num_classes)(probs, targets)
     return {
@@ -99,9 +99,10 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_nam
     }
 
 
-def _nan_mean(values: Sequence[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+def _nan_mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that exist (AP is None for a class absent from the split)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def most_confused(confusion: torch.Tensor, class_names: Sequence[str], top: int = 20) -> list[dict[str, Any]]:
@@ -442,18 +443,34 @@ def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequenc
     decisions = decide(probs, list(point.thresholds.values())) if point else None
     uncalibrated = calibrated_probs(logits)
     files: dict[str, bytes | str] = {
-        "report.json": json.dumps(report, indent=2, allow_nan=True) + "\n",
+        "report.json": json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n",
         "per_class.csv": per_class_csv(report, operating),
         "predictions.csv": predictions_csv(paths, probs, class_names, targets, decisions),
         "confusion_matrix.png": confusion_matrix_png(MulticlassConfusionMatrix(len(class_names))(probs, targets),
                                                      class_names),
-        "pr_curves.png": pr_curves_png(uncalibrated, targets, class_names),
+        "pr_curves.png": pr_curves_png(uncalibrated, targets, class_names, torch.tensor(
+            [_nan_if_none(report["per_class"][name]["average_precision"]) for name in class_names])),
         "reliability.png": reliability_png(uncalibrated, targets, probs if scaled else None,
                                            temperature if scaled else None),
     }
     if point is not None and operating_point is None:
         files[OPERATING_POINT_FILE] = point.to_json()
     return report, files
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (e.g. from a model that outputs NaN) as null, so report.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def evaluation_file_names(operating_point: bool) -> list[str]:
@@ -478,7 +495,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     macro = report["macro"]
     lines = [f"{report['num_images']} images | acc {report['accuracy']:.4f} {k.split('_')[0]} {report[k]:.4f} | "
              f"macro P {macro['precision']:.4f} R {macro['recall']:.4f} F1 {macro['f1']:.4f} AP "
-             f"{macro['average_precision']:.4f} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
+             f"{_number(macro['average_precision']) or '-'} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
     worst = sorted(report["per_class"].items(), key=lambda item: item[1]["recall"])[:3]
     lines.append("lowest recall: " + ", ".join(f"{name} {m['recall']:.3f} (n={m['support']})" for name, m in worst))
     if report.get("calibration"):

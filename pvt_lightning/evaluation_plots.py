@@ -43,7 +43,8 @@ def confused_classes(confusion: torch.Tensor, top: int = CONFUSED_CLASSES) -> li
 def reduced_confusion(confusion: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:
     """The rows/columns of ``keep`` plus one last "other" row and column summing every other class."""
     n = confusion.shape[0]
-    rest = [i for i in range(n) if i not in set(keep)]
+    kept = set(keep)
+    rest = [i for i in range(n) if i not in kept]
     groups = [[i] for i in keep] + [rest]
     rows = torch.stack([confusion[g].sum(dim=0) for g in groups])  # (k+1, n)
     return torch.stack([rows[:, g].sum(dim=1) for g in groups], dim=1)  # (k+1, k+1)
@@ -94,11 +95,12 @@ def confusion_matrix_png(confusion: torch.Tensor, class_names: Sequence[str]) ->
     return png_bytes(figure)
 
 
-def pr_curves_png(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str]) -> bytes:
+def pr_curves_png(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                  ap: torch.Tensor | None = None) -> bytes:
     """One-vs-rest PR curve per class with its AP in the legend; above ``MAX_PR_CURVES`` classes, the worst
-    ones by AP and a histogram of every class's AP."""
+    ones by AP and a histogram of every class's AP. ``ap``: the per-class APs if already computed (C,)."""
     n = len(class_names)
-    ap = MulticlassAveragePrecision(n, average=None)(probs, targets)
+    ap = MulticlassAveragePrecision(n, average=None)(probs, targets) if ap is None else ap
     ranked = [i for i in ap.argsort().tolist() if not math.isnan(ap[i])]  # worst first; NaN: class absent
     shown = ranked[:MAX_PR_CURVES] if n > MAX_PR_CURVES else [i for i in range(n) if i in set(ranked)]
     aggregate = n > MAX_PR_CURVES

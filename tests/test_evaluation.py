@@ -120,6 +120,20 @@ def test_report_json_matches_sklearn(tmp_path):
     assert confused["count"] == confusion.max()
 
 
+def test_a_class_absent_from_the_split_has_no_ap_and_the_report_stays_strict_json(tmp_path):
+    names = ["a", "b", "absent"]
+    logits, targets = synthetic_logits(2, seed=6)
+    logits = torch.cat([logits, torch.zeros(len(targets), 1)], dim=1)  # a third class no image belongs to
+    evaluate_to(tmp_path, logits, targets, names)
+    report = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert report["per_class"]["absent"]["average_precision"] is None
+    assert report["per_class"]["absent"]["support"] == 0
+    probs = logits.double().softmax(-1).numpy()
+    ap = [average_precision_score(targets.numpy() == i, probs[:, i]) for i in range(2)]
+    assert report["macro"]["average_precision"] == pytest.approx(np.mean(ap), abs=1e-5)  # over present classes
+    assert read_rows(tmp_path / "per_class.csv")[2]["average_precision"] == ""
+
+
 def test_temperature_scaling_lowers_nll_on_the_split_it_was_fitted_on(tmp_path):
     names = ["a", "b", "c"]
     logits, targets = synthetic_logits(len(names), scale=4.0, seed=2)
