@@ -204,7 +204,7 @@ def test_epoch_line_reads_like_the_issue():
     metrics = {"train/loss": 0.8123, "val/acc": 0.912, "val/precision": 0.905, "val/recall": 0.899, "val/f1": 0.901}
     line = format_epoch_line(2, 10, metrics, 41.24, 38.71, {"memory/peak_pss_mb": 1830.4})
     assert line == ("epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s"
-                    " | peak RSS 1830 MB")
+                    " | peak PSS 1830 MB")
 
 
 def test_unknown_positive_class_is_a_clear_error():
