@@ -13,7 +13,10 @@ after warm-up). The ratio (ours / reference speed) is the median over step pairs
 ``ratio_lo``..``ratio_hi`` is its 95% confidence interval (distribution-free; wider coverage
 with fewer than 6 pairs, none with 1). A ratio whose interval holds 1.00 is a tie on this machine.
 Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
-Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes.
+Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes; ``pct_of_peak`` compares it
+with a measured matmul rate, ``mfu`` (GPUs) the same count with attention products included with the device's
+dense datasheet peak (``pvt_lightning.throughput``). ``--compile-regions`` compiles our models per block
+(``pvt_lightning.compile``: both with ``--reference-variant``) and leaves timm's reference eager.
 
 ``--onnx`` times onnxruntime (CPU; the CUDA execution provider with ``--device cuda`` where onnxruntime
 has it) running one dynamic ONNX export per variant against eager PyTorch with the same weights, the
@@ -37,10 +40,11 @@ from pvt_lightning.bench import memory, reference, timing  # noqa: E402
 from pvt_lightning.bench.synthetic import write_photo_folder  # noqa: E402
 from pvt_lightning.bench.tables import markdown_table, write_csv  # noqa: E402
 from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity, variant_spec  # noqa: E402
+from pvt_lightning.throughput import device_peak_flops  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
-           "pct_of_peak"]
+           "pct_of_peak", "mfu"]
 ONNX_COLUMNS = ["variant", "size", "batch", "threads", "provider", "eager_img_s", "onnx_img_s", "ratio", "ratio_lo",
                 "ratio_hi", "max_abs_diff", "export_s"]
 DATA_COLUMNS = ["pipeline", "size", "images", "workers", "img_s", "img_s_per_worker", "ratio_vs_torchvision"]
@@ -76,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32", choices=timing.PRECISIONS)
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile-regions", action="store_true",
+                   help="compile our models per block (pvt_lightning.compile); timm's reference stays eager")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward (both models)")
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=timing.MODES)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
@@ -129,11 +135,13 @@ def check_args(args: argparse.Namespace) -> None:
     args.onnx_batch_sizes = args.onnx_batch_sizes or [args.batch_size]
     if min(args.onnx_batch_sizes) < 1:
         raise UsageError("--onnx-batch-sizes must be at least 1")
+    if args.compile and args.compile_regions:
+        raise UsageError("--compile (whole models) and --compile-regions (ours per block) exclude each other")
     if args.grad_checkpointing and "resnet50" in args.variants:
         raise UsageError("--grad-checkpointing applies to PVTv2 variants only; drop resnet50 from --variants")
 
 
-def prepare(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, args: argparse.Namespace, ours: bool = False) -> torch.nn.Module:
     model = model.to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -141,6 +149,10 @@ def prepare(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module
         model.set_grad_checkpointing(True)
     if args.compile:
         model = torch.compile(model)
+    if args.compile_regions and ours:
+        from pvt_lightning.compile import compile_regions
+
+        compile_regions(model)
     return model
 
 
@@ -165,7 +177,8 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                 ref_model = reference.reference_with_same_weights(ours, variant)
                 ref_variant, ref_impl = variant, "reference"
                 ref_name = variant_spec(variant).reference.replace(":", " ")  # e.g. "timm pvt_v2_b0"
-            models = [prepare(ours, args)] + ([] if ref_model is None else [prepare(ref_model, args)])
+            models = [prepare(ours, args, ours=True)] + ([] if ref_model is None else
+                                                         [prepare(ref_model, args, ours=ref_impl == "ours")])
             mem: dict[str, dict] = {}
             if not args.no_memory:  # one fresh subprocess per model, all modes
                 for key, name, impl in [("ours", variant, "ours")] + ([] if ref_model is None else
@@ -173,7 +186,8 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                     mem[key] = memory.measure_peak_memories(name, size, args.batch_size, args.modes, args.device,
                                                         args.precision, impl, args.grad_checkpointing,
                                                         args.channels_last, steps=args.memory_steps,
-                                                        keep_freed_memory=args.kept_freed_memory)
+                                                        keep_freed_memory=args.kept_freed_memory,
+                                                        compile_regions=args.compile_regions and impl == "ours")
             for mode in args.modes:
                 times: list[list[float]] = [[] for _ in models]  # per model, the steps of all repeats
                 for _ in range(args.repeats):
@@ -186,23 +200,28 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
                 ratio = timing.paired_speed_ratio(times[0], times[1]) if ref_model is not None else None
                 ratios = dict(ratio=ratio.median, ratio_lo=ratio.low, ratio_hi=ratio.high) if ratio else {}
                 achieved = timing.achieved_flops(complexity.gmacs, ours_ips, mode)
+                device_peak = getattr(args, "device_peak", None)  # a GPU's dense datasheet peak; None on CPUs
+                model_flops = timing.achieved_flops(complexity.total_gmacs, ours_ips, mode)
                 row = dict(variant=variant, size=f"{size[0]}x{size[1]}", mode=mode, batch=args.batch_size,
                            precision=args.precision + ("+gc" if args.grad_checkpointing else "")
-                           + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else ""),
+                           + ("+cl" if args.channels_last else "") + ("+compile" if args.compile else "")
+                           + ("+regions" if args.compile_regions else ""),
                            reference=ref_name, params_m=complexity.params_m, gmacs=complexity.gmacs,
                            ours_img_s=ours_ips, ref_img_s=ref_ips, **ratios,
                            ours_peak_mb=mem["ours"][mode].peak_mb if mem else None,
                            ref_peak_mb=mem["reference"][mode].peak_mb if "reference" in mem else None,
                            ours_act_mb=mem["ours"][mode].activations_mb if mem else None,
                            ref_act_mb=mem["reference"][mode].activations_mb if "reference" in mem else None,
-                           ours_gflop_s=achieved / 1e9, pct_of_peak=100 * achieved / peak_flops)
+                           ours_gflop_s=achieved / 1e9, pct_of_peak=100 * achieved / peak_flops,
+                           mfu=model_flops / device_peak if device_peak else None)
                 rows.append(row)
                 save(rows)
                 print(f"{variant:8s} {row['size']:>8s} {mode:5s} ours {ours_ips:7.2f} img/s  "
                       f"{ref_name or 'reference'} {fmt(ref_ips):>7s} img/s  ratio {fmt(row.get('ratio'), 3):>6s} "
                       f"[{fmt(row.get('ratio_lo'), 3)}, {fmt(row.get('ratio_hi'), 3)}]  "
                       f"peak MB ours {fmt(row['ours_peak_mb'], 0)} ref {fmt(row['ref_peak_mb'], 0)}  "
-                      f"{row['ours_gflop_s']:.1f} GFLOP/s ({row['pct_of_peak']:.0f}% of peak)", flush=True)
+                      f"{row['ours_gflop_s']:.1f} GFLOP/s ({row['pct_of_peak']:.0f}% of peak)"
+                      + (f"  MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""), flush=True)
     return rows
 
 
@@ -425,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float16 if args.precision == "16-mixed" else torch.float32
         peak = timing.matmul_peak_flops(args.device, dtype)
+        args.device_peak = device_peak_flops(torch.device(args.device), dtype)
         print(machine_line(args, peak), flush=True)
         save = lambda rows: write_outputs(rows, COLUMNS, args.out, args.tag, machine_line(args, peak))  # noqa: E731
         paths = save(run_models(args, peak, save))

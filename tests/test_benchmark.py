@@ -84,7 +84,7 @@ def test_benchmark_end_to_end(tmp_path):
     md = (tmp_path / "benchmark.md").read_text().splitlines()
     assert md[0].startswith("Machine: cpu")
     table = [line for line in md if line.startswith("| b0 ")]
-    assert len(table) == 2 and all(line.count("|") == len(NUMERIC) + 7 for line in table)
+    assert len(table) == 2 and all(line.count("|") == len(NUMERIC) + 8 for line in table)  # + mfu: "-" on CPU
 
 
 def test_paired_speed_ratio_interval():
@@ -121,6 +121,7 @@ def test_bf16_mixed_on_cpu(tmp_path):
     (["--sizes", "16x16"], "too small"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--precision", "16-mixed", "--device", "cpu"], "needs a GPU"),
+    (["--compile", "--compile-regions"], "exclude each other"),
 ])
 def test_bad_flags_exit_2_with_one_message(flags, message, capsys):
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)

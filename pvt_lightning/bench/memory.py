@@ -105,17 +105,19 @@ def measure_peak_memory(model_name: str, img_size: tuple[int, int] = (224, 224),
 def measure_peak_memories(model_name: str, img_size: tuple[int, int] = (224, 224), batch_size: int = 16,
                           modes: Sequence[str] = MODES, device: str = "cpu", precision: str = "32",
                           impl: str = "ours", grad_checkpointing: bool = False, channels_last: bool = False,
-                          steps: int = 2, timeout: float = 1800, keep_freed_memory: bool = False) -> dict[str, PeakMemory]:
+                          steps: int = 2, timeout: float = 1800, keep_freed_memory: bool = False,
+                          compile_regions: bool = False) -> dict[str, PeakMemory]:
     """Peak memory per mode of a model built by name (``impl`` 'ours' or 'reference'), in a fresh subprocess.
 
     Inference runs first (its peak is the lower); the peak-RSS mark is reset between modes (Linux),
     where that is unsupported later modes' CPU peaks are upper bounds. ``keep_freed_memory`` applies
-    ``pvt_lightning.allocator.keep_freed_memory`` in the subprocess, as training runs do.
+    ``pvt_lightning.allocator.keep_freed_memory`` in the subprocess, as training runs do. ``compile_regions``
+    compiles the model per block (``pvt_lightning.compile``) and runs one unmeasured step per mode first.
     """
     spec = dict(model_name=model_name, img_size=list(img_size), batch_size=batch_size,
                 modes=sorted(modes, key=MODES.index), device=device, precision=precision, impl=impl,
                 grad_checkpointing=grad_checkpointing, channels_last=channels_last, steps=steps,
-                keep_freed_memory=keep_freed_memory)
+                keep_freed_memory=keep_freed_memory, compile_regions=compile_regions)
     result = run_worker("pvt_lightning.bench.memory", spec, timeout, f"memory measurement of {impl} {model_name}")
     return {mode: PeakMemory(**values) for mode, values in result.items()}
 
@@ -154,8 +156,15 @@ def memory_worker(spec: dict) -> None:
         model.set_grad_checkpointing(True)
     if spec["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    if spec.get("compile_regions"):
+        from ..compile import compile_regions
+
+        compile_regions(model)
     result = {}
     for mode in spec["modes"]:
+        if spec.get("compile_regions"):  # compiling is not part of the step's memory
+            measure_peak_memory_here(model, tuple(spec["img_size"]), spec["batch_size"], mode, spec["device"],
+                                     spec["precision"], 1, spec["channels_last"])
         mem = measure_peak_memory_here(model, tuple(spec["img_size"]), spec["batch_size"], mode, spec["device"],
                                        spec["precision"], spec["steps"], spec["channels_last"])
         result[mode] = {"peak_mb": mem.peak_mb, "activations_mb": mem.activations_mb}
