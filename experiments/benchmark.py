@@ -270,8 +270,9 @@ def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
                         x = torch.randn(batch, 3, *size, device=args.device)
                         diff = (runtime(x) - eager(x)).abs().max().item()
                     ratio = timing.paired_speed_ratio(times[0], times[1])  # > 1: onnxruntime faster
-                    row = dict(variant=variant, size=f"{size[0]}x{size[1]}", batch=batch, threads=torch.get_num_threads(),
-                               provider=provider, eager_img_s=batch / statistics.median(times[1]),
+                    row = dict(variant=variant, size=f"{size[0]}x{size[1]}", batch=batch,
+                               threads=torch.get_num_threads(), provider=provider,
+                               eager_img_s=batch / statistics.median(times[1]),
                                onnx_img_s=batch / statistics.median(times[0]), ratio=ratio.median,
                                ratio_lo=ratio.low, ratio_hi=ratio.high, max_abs_diff=f"{diff:.1e}", export_s=export_s)
                     rows.append(row)
@@ -433,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def save_onnx(rows):
             batches = "batch " + "/".join(str(b) for b in args.onnx_batch_sizes)
-            header = (machine_line(args, None).replace(f"batch {args.batch_size}", batches) + f" onnxruntime {onnxruntime_version()}. At the start: {start_load}; "
-                      f"at the last row: {load_line()}.")
+            header = (machine_line(args, None).replace(f"batch {args.batch_size}", batches)
+                      + f" onnxruntime {onnxruntime_version()}. At the start: {start_load}; at the last row: "
+                      f"{load_line()}.")
             return write_outputs(rows, ONNX_COLUMNS, args.out, args.tag, header)
 
         paths = save_onnx(run_onnx(args, save_onnx))

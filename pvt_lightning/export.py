@@ -43,6 +43,7 @@ from torch import nn
 
 from .config import option
 from .models import MIN_INPUT_SIZE
+from .models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt2": "exported-program"}
@@ -52,10 +53,8 @@ METADATA_FILE = "pvt_lightning.json"
 TOLERANCE = 1e-4
 MIN_OPSET = 18
 """The dynamo ONNX exporter's lowest opset; torch's default is 20 (native Gelu)."""
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
-"""What our data pipeline uses unless told otherwise (``ImageFolderDataModule``, ``--crop-pct``)."""
+"""The evaluation crop our data pipeline uses unless told otherwise (``--crop-pct``)."""
 EXTRA_HINT = 'pip install "pvt-lightning[export]"'
 
 
@@ -90,8 +89,8 @@ class ExportMetadata:
     variant: str
     class_names: tuple[str, ...]
     img_size: tuple[int, int]  # (H, W) the model was trained/traced at
-    mean: tuple[float, float, float] = DEFAULT_MEAN
-    std: tuple[float, float, float] = DEFAULT_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = DEFAULT_CROP_PCT
     linear_sra: bool = False
     dynamic_batch: bool = False
@@ -133,8 +132,8 @@ def model_metadata(model: nn.Module, variant: str | None = None, class_names: Se
         raise ExportError(f"{len(names)} class names for a model with {num_classes} outputs")
     return ExportMetadata(
         variant=variant or cfg.get("architecture") or type(model).__name__, class_names=names,
-        img_size=(int(img_size[0]), int(img_size[1])), mean=tuple(cfg.get("mean", DEFAULT_MEAN)),
-        std=tuple(cfg.get("std", DEFAULT_STD)), crop_pct=float(crop_pct or cfg.get("crop_pct", DEFAULT_CROP_PCT)),
+        img_size=(int(img_size[0]), int(img_size[1])), mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)), crop_pct=float(crop_pct or cfg.get("crop_pct", DEFAULT_CROP_PCT)),
         linear_sra=bool(config and config.linear_sra),
     )
 
@@ -193,7 +192,7 @@ def onnx_bytes(program: torch.export.ExportedProgram, example: torch.Tensor, met
         raise ExportError(f"--opset {opset}: the exporter could only write opset {reached}; pass --opset {reached}")
     name_dims(proto)
     proto.producer_name = "pvt-lightning"
-    proto.doc_string = (f"PVTv2 {metadata.variant}: normalised float {INPUT_NAME} (batch, 3, height, width) -> "
+    proto.doc_string = (f"pvt-lightning {metadata.variant}: normalised float {INPUT_NAME} (batch, 3, height, width) -> "
                         f"{OUTPUT_NAME} (batch, {metadata.num_classes})")
     del proto.metadata_props[:]
     for key, value in metadata.to_strings().items():
@@ -356,8 +355,8 @@ def check_archive(data: bytes, name: str) -> None:
     for entry in archive.namelist():
         if entry.endswith("_constants_config.json"):
             config = json.loads(archive.read(entry)).get("config", {})
-            risky = [k for k, v in config.items()
-                     if str(v.get("path_name", "")).startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
+            pickled = (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)
+            risky = [k for k, v in config.items() if str(v.get("path_name", "")).startswith(pickled)]
             if risky:
                 raise ExportError(f"refused to load {name}: it holds pickled objects ({', '.join(risky[:3])}); "
                                   "pvt-lightning exports hold tensors only")
@@ -465,7 +464,8 @@ def parity_cases(metadata: ExportMetadata) -> list[tuple[int, tuple[int, int]]]:
 
 @torch.inference_mode()
 def check_parity(model: nn.Module, exported: ExportedClassifier, tolerance: float = TOLERANCE,
-                 cases: Sequence[tuple[int, tuple[int, int]]] | None = None, name: str = "the export") -> list[ParityCheck]:
+                 cases: Sequence[tuple[int, tuple[int, int]]] | None = None,
+                 name: str = "the export") -> list[ParityCheck]:
     """Run both on the same random inputs; raise ParityError naming the first case over ``tolerance``."""
     model.eval()
     checks = []
@@ -513,6 +513,10 @@ def export_model(model: nn.Module, output: str | Path, *, format: str | None = N
     format = export_format(output, format)
     if format == "onnx":
         require("onnxruntime")
+        if opset is not None and opset < MIN_OPSET:
+            raise ExportError(f"--opset {opset}: the ONNX exporter writes opset {MIN_OPSET} or newer")
+    elif opset is not None:
+        raise ExportError("--opset applies to --format onnx only")
     img_size = (int(img_size[0]), int(img_size[1]))
     if min(img_size) < MIN_INPUT_SIZE:
         raise ExportError(f"--img-size {img_size[0]} {img_size[1]}: each side must be at least {MIN_INPUT_SIZE}")
@@ -529,8 +533,6 @@ def export_model(model: nn.Module, output: str | Path, *, format: str | None = N
         data = onnx_bytes(program, example, metadata, opset)
         exported: ExportedClassifier = OnnxClassifier(data)
     else:
-        if opset is not None:
-            raise ExportError("--opset applies to --format onnx only")
         data = program_bytes(program, metadata)
         exported = ProgramClassifier(data)
     checks = check_parity(model, exported, tolerance, name=f"the {format} export of {metadata.variant}")
@@ -563,7 +565,7 @@ def load_checkpoint_module(path: str | Path):
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str | None = None,
-                      img_size: Sequence[int] | None = None, crop_pct: float = DEFAULT_CROP_PCT,
+                      img_size: Sequence[int] | None = None, crop_pct: float | None = None,
                       **kwargs: Any) -> ExportResult:
     """Export one of our training checkpoints; ``img_size`` defaults to the checkpoint's training size.
 
@@ -577,7 +579,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str
     hp = module.hparams
     img_size = tuple(img_size or hp.img_size)
     metadata = ExportMetadata(variant=hp.variant, class_names=tuple(hp.class_names),
-                              img_size=(int(img_size[0]), int(img_size[1])), crop_pct=crop_pct,
+                              img_size=(int(img_size[0]), int(img_size[1])),
+                              crop_pct=crop_pct or DEFAULT_CROP_PCT,
                               linear_sra=module.linear_sra_enabled)
     return export_model(module.model, output, format=format, img_size=img_size, metadata=metadata, **kwargs)
 
@@ -608,19 +611,21 @@ class ExportConfig:
         None, "a fixed batch, or dynamic (default: dynamic with --dynamic, else 1)", "export", metavar="N|dynamic")
     opset: Optional[PositiveInt] = option(None, f"ONNX opset (>= {MIN_OPSET}; default: the exporter's)",
                                           "export")
-    crop_pct: float = option(DEFAULT_CROP_PCT, "evaluation crop fraction recorded in the file (--predict "
-                             "from the file uses --crop-pct, this is for other tools)", "export")
+    crop_pct: Optional[float] = option(None, "evaluation crop fraction recorded in the file, for other tools "
+                                       f"(default: {DEFAULT_CROP_PCT} for a checkpoint, as our pipeline; the "
+                                       "variant's pretrained_cfg for --variant)", "export")
     tolerance: PositiveFloat = option(TOLERANCE, "largest |logit difference| allowed between the export and "
                                       "the model", "export")
     overwrite: bool = option(False, "replace --output if it exists", "export")
 
 
-def parse_export_args(argv: Sequence[str] | None = None):
-    """Flags (and ``--config`` YAML) -> a checked ExportConfig; mistakes raise the configuration's UsageError."""
+def parse_export_args(argv: Sequence[str] | None = None) -> ExportConfig | None:
+    """Flags (and ``--config`` YAML) -> a checked ExportConfig (None after ``--print-config`` printed it);
+    mistakes raise the configuration's UsageError."""
     import argparse
     import sys
 
-    from .config import UsageError, build_parser, explain, plain
+    from .config import UsageError, build_parser, explain, plain, to_yaml
 
     schema = ExportConfig
     parser = build_parser(schema, prog="experiments/export.py", description=(
@@ -640,8 +645,11 @@ def parse_export_args(argv: Sequence[str] | None = None):
         raise UsageError(f"--checkpoint {config.checkpoint}: no such file")
     if config.pretrained and not config.variant:
         raise UsageError("--pretrained goes with --variant; a --checkpoint carries its own weights")
-    if not 0 < config.crop_pct <= 1:
+    if config.crop_pct is not None and not 0 < config.crop_pct <= 1:
         raise UsageError("--crop-pct must be in (0, 1]")
+    if namespace["print_config"]:
+        print(to_yaml(config), end="")
+        return None
     return config
 
 
@@ -676,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = parse_export_args(argv)
+        if config is None:  # --print-config
+            return 0
         result = run_export(config)
     except (UsageError, DataError, CheckpointError, ExportError) as err:
         print(f"export: error: {err}", file=sys.stderr)
@@ -692,8 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "EXTRA_HINT", "ExportError", "ExportMetadata", "ExportResult", "ExportedClassifier", "FORMATS",
+    "EXTRA_HINT", "ExportConfig", "ExportError", "ExportMetadata", "ExportResult", "ExportedClassifier", "FORMATS",
     "MissingExportDependency", "OnnxClassifier", "ParityCheck", "ParityError", "ProgramClassifier", "TOLERANCE",
-    "check_parity", "export_checkpoint", "is_exported_file", "export_model", "export_format", "load_exported", "model_metadata",
-    "ExportConfig", "main", "parity_cases", "parse_export_args", "read_metadata", "run_export", "trace", "verify_exported",
+    "check_parity", "export_checkpoint", "export_format", "export_model", "is_exported_file", "load_exported", "main",
+    "model_metadata", "parity_cases", "parse_export_args", "read_metadata", "run_export", "trace", "verify_exported",
 ]
