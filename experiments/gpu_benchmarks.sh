@@ -25,7 +25,7 @@ if ((SMOKE)); then
 else
   DEVICE_NAME=$($PY -c "import re, torch; n = torch.cuda.get_device_name().lower(); m = re.search(r'\b([a-z]\d{2,3}[a-z]?)\b', n); print(m.group(1) if m else re.sub(r'\W+', '_', n).strip('_'))") || exit 1
   OUT=${1:-experiments/results/gpu_$DEVICE_NAME}
-  DEV=cuda; B0=224x224; B0_HW="224 224"; B0_BATCH=128; TRAIN_IMAGES=6144; EPOCHS=3; WORKERS=${WORKERS:-14}
+  DEV=cuda; B0=224x224; B0_HW="224 224"; B0_BATCH=128; TRAIN_IMAGES=12288; EPOCHS=3; WORKERS=${WORKERS:-14}
   B5=b5; B5_HW=384x224; B5_BATCH=64; SWEEP="224x224 512x512 1024x1024"; STEPS="--warmup 3 --steps 10"; FIT_EXTRA=""
   SLOWER=1
 fi
@@ -44,11 +44,23 @@ HEADER=$($PY -c "import os, torch, lightning, timm; dev = torch.cuda.get_device_
 echo "$HEADER | smoke=$SMOKE | out=$OUT"
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
+make_images() {  # DATA/images: 4 classes of generated 500x375 JPEGs, written by one process per class
+  local k split
+  for k in 0 1 2 3; do
+    $PY -c "import sys; from pvt_lightning.bench.synthetic import write_photo_folder; write_photo_folder(sys.argv[1], classes=1, train_images=int(sys.argv[2]), val_per_class=32, seed=int(sys.argv[3]))" "$DATA/part$k" $((TRAIN_IMAGES / 4)) $((10 * k)) &
+  done
+  wait
+  for k in 0 1 2 3; do
+    for split in train val; do mkdir -p "$DATA/images/$split" && mv "$DATA/part$k/$split/class_0" "$DATA/images/$split/class_$k"; done
+  done
+  echo "### $(find "$DATA/images/train" -name '*.jpg' | wc -l) training images at ${SECONDS}s"
+}
 
 # 1. Does b0 wait for data? Synthetic-batch training speed, then real run.py fits on generated 500x375 JPEGs:
-#    augmentation on the GPU (the default on CUDA) and, for comparison, in the CPU workers. [~2.5 min]
+#    augmentation on the GPU (the default on CUDA) and, for comparison, in the CPU workers; epochs of 96 steps,
+#    so the loader's refill at each epoch start weighs little. [~3 min]
 step 60 $BENCH --variants b0 --sizes $B0 --batch-size $B0_BATCH --modes train $STEPS --repeats 2 --no-reference --no-memory --tag b0_synthetic
-step 60 $PY -c "import sys; from pvt_lightning.bench.synthetic import write_photo_folder; write_photo_folder(sys.argv[1], classes=4, train_images=int(sys.argv[2]), val_per_class=32)" "$DATA/images" $TRAIN_IMAGES
+make_images
 for where in gpu cpu; do
   step 75 $PY experiments/run.py --variant b0 --data "$DATA/images" --img-size $B0_HW --batch-size $B0_BATCH --num-workers $WORKERS --precision bf16-mixed --epochs $EPOCHS --warmup-epochs 1 --augment-device $where --logdir "$DATA/runs" --name b0_aug_$where $FIT_EXTRA
 done
