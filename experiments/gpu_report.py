@@ -105,7 +105,8 @@ def report(out: Path, runs: Path | None) -> list[str]:
                  f"{fmt(ref_mb, '.0f')} MB) | <= 1.00 | {verdict(mem_ratio, 1.0, higher=False)} |")
     mfu = number(b5, "mfu")
     lines.append(f"| {b5_setting} MFU (model FLOPs incl. attention / dense datasheet peak) | "
-                 f"{fmt(None if mfu is None else 100 * mfu, '.1f', '%')} | reported | {'yes' if mfu else 'not measured'} |")
+                 f"{fmt(None if mfu is None else 100 * mfu, '.1f', '%')} | reported | "
+                 f"{'yes' if mfu else 'not measured'} |")
 
     for tag in SWEEPS:
         for row in read_rows(out, tag):

@@ -13,7 +13,6 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from albumentations.augmentations.pixel import functional as albu_pixel  # noqa: E402
 from scipy.stats import ks_2samp  # noqa: E402
 
 from pvt_lightning.data import ImageFolderDataModule  # noqa: E402
@@ -140,7 +139,8 @@ def test_crops_from_a_padded_batch_ignore_the_padding():
     batch = as_batch(small, large)
     assert batch.pixels.shape == (2, 3, 60, 90) and batch.sizes == ((30, 40), (60, 90))
     assert batch.pixels[0, :, 30:].eq(0).all() and batch.pixels[0, :, :, 40:].eq(0).all()
-    out = resample(batch.pixels, torch.tensor([[0, 0, 40, 30], [10, 5, 80, 50]]), (64, 64), torch.tensor([False, False]))
+    boxes = torch.tensor([[0, 0, 40, 30], [10, 5, 80, 50]])
+    out = resample(batch.pixels, boxes, (64, 64), torch.tensor([False, False]))
     assert np.abs(hwc(out[0]) - cv2.resize(small, (64, 64), interpolation=cv2.INTER_LINEAR)).max() <= 1
     assert np.abs(hwc(out[1]) - cv2.resize(large[5:55, 10:90], (64, 64), interpolation=cv2.INTER_LINEAR)).max() <= 1
 
@@ -212,7 +212,8 @@ def test_constant_image_normalises_exactly_like_the_cpu_path():
     image = np.empty((60, 80, 3), np.uint8)
     image[:] = (200, 100, 50)
     dm = ImageFolderDataModule(None, img_size=(32, 32))
-    cpu = dm.normalize(torch.from_numpy(train_transform((32, 32), "basic")(image=image)["image"]).permute(2, 0, 1)[None])
+    cropped = train_transform((32, 32), "basic")(image=image)["image"]
+    cpu = dm.normalize(torch.from_numpy(cropped).permute(2, 0, 1)[None])
     gpu = DeviceAugment(train_transform((32, 32), "basic"), IMAGENET_MEAN, IMAGENET_STD)(as_batch(image, image))
     assert gpu.shape == (2, 3, 32, 32) and gpu.dtype == torch.float32
     assert torch.allclose(gpu, cpu.expand_as(gpu), atol=1e-5)

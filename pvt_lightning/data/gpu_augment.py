@@ -405,7 +405,8 @@ class DevicePolicy:
             one_of = transforms.pop(0)
             if any(t.p != 1 for t in one_of.transforms):
                 raise ValueError("the device path supports OneOf members with p=1 only")
-            choice, weights, choice_p = tuple(read_op(t) for t in one_of.transforms), tuple(one_of.transforms_ps), one_of.p
+            choice = tuple(read_op(t) for t in one_of.transforms)
+            weights, choice_p = tuple(one_of.transforms_ps), one_of.p
         steps = tuple((read_op(t), float(t.p)) for t in transforms)
         if any(isinstance(op, AffineOp) for op, _ in steps):
             raise ValueError("the device path supports Affine only inside the OneOf that follows the flip")
@@ -525,8 +526,8 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     """cv2.equalizeHist on each channel of each image (a constant channel stays as it is)."""
     batch, channels, height, width = x.shape
     values = x.reshape(batch * channels, height * width).long()
-    hist = torch.zeros(batch * channels, 256, device=x.device).scatter_add_(1, values, torch.ones_like(values,
-                                                                                                      dtype=torch.float32))
+    ones = torch.ones_like(values, dtype=torch.float32)
+    hist = torch.zeros(batch * channels, 256, device=x.device).scatter_add_(1, values, ones)
     cdf = hist.cumsum(1)
     first = (hist > 0).to(torch.uint8).argmax(1, keepdim=True)  # the lowest value present
     below = cdf.gather(1, first)  # pixels at that value
