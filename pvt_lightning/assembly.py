@@ -29,7 +29,7 @@ def make_datamodule(config: RunConfig, data_dir: Path, augment: str | None = Non
         data_dir, img_size=tuple(config.img_size), batch_size=config.batch_size, num_workers=config.num_workers,
         val_split=config.val_split, seed=config.seed, augment=augment or config.augment or "basic",
         crop_pct=config.crop_pct, bad_images=config.bad_images, verify_images=config.verify_images,
-        max_image_pixels=config.max_image_pixels, **overrides,
+        max_image_pixels=config.max_image_pixels, augment_device=config.augment_device, **overrides,
     )
 
 
@@ -54,6 +54,7 @@ def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 
     from .callbacks import default_callbacks
+    from .throughput import FlopsUtilization
     from .reliability import LastCheckpointSaver, StopOnNonFiniteLoss
 
     checkpoint = ModelCheckpoint(
@@ -62,7 +63,8 @@ def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -
     )
     callbacks = [checkpoint, StopOnNonFiniteLoss(),
                  LastCheckpointSaver(checkpoint, config.checkpoint_every_steps, config.checkpoint_every_minutes),
-                 *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold)]
+                 *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold),
+                 FlopsUtilization()]
     if config.early_stopping:
         callbacks.append(EarlyStopping(config.monitor, patience=config.early_stopping, mode=config.monitor_mode))
     if config.ema:

@@ -68,7 +68,8 @@ class RunConfig:
                                                    "variant's: 0.1 for b0-b2_li, 0.3 for b3-b5)", "model")
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower",
                                       "model")
-    compile: bool = option(False, "torch.compile the model", "model")
+    compile: bool = option(False, "torch.compile each block on its own (regional: short compiles, one recompile "
+                           "per new input size)", "model")
 
     # --- data
     data: Optional[str] = option(None, "ImageFolder root with train/ and val/ (optional test/) class folders, or "
@@ -82,6 +83,10 @@ class RunConfig:
     augment: Optional[Literal["basic", "strong"]] = option(None, "basic: random resized crop + flip; strong: adds "
                                                            "RandAugment-like ops, colour jitter, random erasing "
                                                            "(default: the recipe's)", "data")
+    augment_device: Literal["auto", "cpu", "gpu"] = option("auto", "where training augmentation runs: gpu = per "
+                                                            "batch on the device (loader workers only decode), cpu "
+                                                            "= in the loader workers, auto = gpu when training on "
+                                                            "CUDA", "data")
     num_workers: Optional[NonNegativeInt] = option(None, "data-loader workers per device (default: min(8, CPUs))",
                                                    "data")
     bad_images: Literal["skip", "error"] = option("skip", "unreadable image files: skip them (listed and counted) "

@@ -47,7 +47,9 @@ def train(config: RunConfig) -> int:
         raise
     complexity = module.complexity()
     if config.compile:
-        module.model.compile()
+        from .compile import compile_regions
+
+        compile_regions(module.model)
     if trainer.is_global_zero:
         write_hparams(paths, config)
         say(banner(config, recipe, module, complexity, datamodule, trainer, paths))
