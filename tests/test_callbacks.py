@@ -348,7 +348,7 @@ def test_one_epoch_line_per_epoch(trained_runs):
     line = next(c for c in callbacks if isinstance(c, EpochLine))
     assert len(line.lines) == EPOCHS
     assert line.lines[-1].startswith(f"epoch {EPOCHS}/{EPOCHS} | train loss ")
-    assert " | val acc " in line.lines[-1] and "img/s | peak RSS " in line.lines[-1]
+    assert " | val acc " in line.lines[-1] and "img/s | peak PSS " in line.lines[-1]
 
 
 # --- the same under 2-process DDP on CPU -------------------------------------------------------------

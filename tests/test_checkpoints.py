@@ -71,7 +71,7 @@ def reference_and_layouts(variant):
     }
 
 
-@pytest.mark.parametrize("variant", ["b0", "b2_li"])
+@pytest.mark.parametrize("variant", ["b0", pytest.param("b2_li", marks=pytest.mark.slow)])
 def test_logits_match_timm_through_every_layout(variant, tmp_path):
     reference, layouts = reference_and_layouts(variant)
     inputs = {size: torch.randn(2, 3, *size) for size in [(224, 224), (384, 224)]}

@@ -24,7 +24,12 @@ def shapes(tensors):
     return [tuple(t.shape) for t in tensors]
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+BIG = ("b3", "b4", "b5")
+"""Building and running these dominates the fast tier; they run in the slow tier (CI runs both)."""
+
+
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
+                                        for name in VARIANTS])
 def built(request):
     """(name, our model in eval mode, a 1x3x32x64 input, the outputs of its forward_* calls on it)."""
     name = request.param

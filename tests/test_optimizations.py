@@ -46,7 +46,7 @@ def test_intermediates_are_contiguous_nchw_maps_matching_timm(pair):
         assert (m - r).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["b0", "b2_li"])
+@pytest.mark.parametrize("variant", ["b0", pytest.param("b2_li", marks=pytest.mark.slow)])
 def test_gradients_match_timm(variant):
     torch.manual_seed(0)
     ours = create_model(variant, num_classes=10).train()

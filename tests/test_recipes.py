@@ -162,7 +162,7 @@ def test_pretrained_loads_every_backbone_tensor_and_keeps_a_matching_head(layout
         if not key.startswith("head."):
             assert torch.equal(tensor, want[key]), key
     assert state["head.weight"].shape == (5, 256) and torch.equal(state["head.bias"], torch.zeros(5))
-    assert 0.01 < state["head.weight"].std() < 0.03  # the official trunc-normal(0.02) initialisation
+    assert 0 < state["head.weight"].abs().max() < 1e-4  # a near-zero new head: every class equally likely
 
 
 # --- freezing the backbone ------------------------------------------------------------------------------------
@@ -219,6 +219,7 @@ def test_frozen_backbone_is_unchanged_in_epoch_0_and_trains_from_epoch_1(two_cla
     assert all(lr > 0.0 for step in lrs[4:] for head, lr in step if not head)
 
 
+@pytest.mark.slow
 def test_freezing_survives_resume(two_class_data, tmp_path):
     """Interrupted after epoch 0 of a 2-epoch freeze: the resumed run keeps the backbone frozen in epoch 1."""
     from lightning.pytorch.callbacks import ModelCheckpoint
