@@ -55,10 +55,9 @@ def option(default: Any, help: str, group: str, **flag: Any) -> Any:
 
 
 @dataclass
-class RunConfig:
-    """Everything a run needs; ``None`` means "resolved at run time" (see the module docstring)."""
+class ModelOptions:
+    """Which network, how it starts and how it runs."""
 
-    # --- model
     variant: str = option("b2_li", f"model: {', '.join(VARIANTS)} (pvt_v2_ prefix ok)", "model")
     linear_sra: Optional[bool] = option(None, "force linear SRA on/off (default: the variant's own; b2 + "
                                         "--linear-sra = b2_li)", "model")
@@ -71,7 +70,11 @@ class RunConfig:
     compile: bool = option(False, "torch.compile each block on its own (regional: short compiles, one recompile "
                            "per new input size)", "model")
 
-    # --- data
+
+@dataclass
+class DataOptions:
+    """Where the images are and how they become batches."""
+
     data: Optional[str] = option(None, "ImageFolder root with train/ and val/ (optional test/) class folders, or "
                                  "one class-folder root with --val-split; omitted: the built-in demo dataset", "data")
     val_split: Optional[OpenUnitInterval] = option(None, "fraction held out for validation (stratified, seeded) "
@@ -96,7 +99,11 @@ class RunConfig:
                                               "header before decoding; larger images count as unreadable "
                                               "(decompression bombs); 0: no limit", "data")
 
-    # --- recipe
+
+@dataclass
+class RecipeOptions:
+    """Optimisation and regularisation; unset values come from the recipe."""
+
     recipe: Literal[RECIPE_NAMES] = option("auto", "defaults for the fields below that you leave unset; auto "
                                            "chooses from the data (see README)", "recipe")
     epochs: Optional[PositiveInt] = option(None, "epochs (default: the recipe's)", "recipe")
@@ -123,7 +130,11 @@ class RunConfig:
     ema_decay: OpenUnitInterval = option(0.9998, "EMA decay per step", "recipe")
     seed: int = option(0, "random seed (data split, init, augmentation)", "recipe")
 
-    # --- class imbalance
+
+@dataclass
+class ImbalanceOptions:
+    """Loss weights, sampling and loss for long-tailed data."""
+
     class_weights: str = option("none", "loss weight per class: none, balanced (inverse class frequency, mean 1 "
                                 "over the training images) or a JSON file {\"class\": weight}", "imbalance",
                                 metavar="none|balanced|FILE.json")
@@ -136,7 +147,11 @@ class RunConfig:
     focal_gamma: NonNegativeFloat = option(2.0, "focal loss exponent: (1 - p)^gamma down-weights easy images; "
                                            "0 = cross-entropy", "imbalance")
 
-    # --- hardware and scale
+
+@dataclass
+class HardwareOptions:
+    """Devices, nodes, strategy and numeric precision."""
+
     precision: Literal[PRECISIONS] = option("auto", "auto: bf16-mixed on GPUs that support it, else 32", "hardware")
     accelerator: Literal[ACCELERATORS] = option("auto", "where to train", "hardware")
     devices: Union[int, str, list[NonNegativeInt]] = option("auto", "devices per node: a count, -1 (all), a list "
@@ -144,7 +159,11 @@ class RunConfig:
     num_nodes: PositiveInt = option(1, "nodes (torchrun / SLURM set up the rest)", "hardware")
     strategy: str = option("auto", f"Lightning strategy: {', '.join(STRATEGIES)}", "hardware")
 
-    # --- Lightning Trainer options, passed through
+
+@dataclass
+class TrainerOptions:
+    """Lightning Trainer options, passed through."""
+
     accumulate_grad_batches: PositiveInt = option(1, "accumulate gradients over N batches per optimizer step",
                                                   "trainer")
     max_steps: int = option(-1, "stop after N optimizer steps (-1 = no limit)", "trainer")
@@ -159,7 +178,11 @@ class RunConfig:
                                                        "epoch", "trainer")
     limit_val_batches: Optional[BatchLimit] = option(None, "same, for validation", "trainer")
 
-    # --- run folder, logging, checkpoints
+
+@dataclass
+class RunOptions:
+    """The run folder, logging and checkpoints."""
+
     logdir: str = option("runs", "root of all runs", "run")
     name: Optional[str] = option(None, "run name (default: variant, li, HxW, e.g. b2_li_384x224)", "run")
     logger: Literal["tensorboard", "csv"] = option("tensorboard", "tensorboard event files, or Lightning's "
@@ -178,7 +201,11 @@ class RunConfig:
     threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class", "run")
     overwrite: bool = option(False, "allow replacing existing output files (never needed for run folders)", "run")
 
-    # --- evaluation and prediction
+
+@dataclass
+class InferOptions:
+    """Evaluation and prediction of a trained checkpoint."""
+
     evaluate: Optional[str] = option(None, "evaluate this checkpoint on --split of --data", "infer", metavar="CKPT")
     split: Literal["val", "test"] = option("val", "split for --evaluate", "infer")
     predict: Optional[str] = option(None, "predict every image under this folder into a CSV", "infer",
@@ -204,9 +231,14 @@ class RunConfig:
     tta: bool = option(False, "--evaluate/--predict: test-time augmentation, mean of the logits of each image and "
                        "its horizontal flip", "infer")
 
-    @property
-    def height_width(self) -> tuple[int, int]:
-        return int(self.img_size[0]), int(self.img_size[1])
+
+@dataclass
+class RunConfig(InferOptions, RunOptions, TrainerOptions, HardwareOptions, ImbalanceOptions, RecipeOptions,
+                DataOptions, ModelOptions):
+    """Everything a run needs, one flat set of options (fields in the order of the groups above).
+
+    ``None`` means "resolved at run time" (see the module docstring).
+    """
 
 
 GROUPS = {
