@@ -225,6 +225,7 @@ def read_predictions(path: Path) -> dict[str, tuple[str, float, list[tuple[str, 
             [(c.split(":")[0], float(c.split(":")[1])) for c in r["top5"].split(";")]) for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
 def test_predict_from_export_equals_predict_from_checkpoint(trained, tmp_path, suffix):
     from pvt_lightning.cli import main as run
