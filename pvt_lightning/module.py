@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchvision.transforms import v2
 
-from .models import create_model, measure_complexity
+from .models import create_model, load_pretrained, measure_complexity
 from .models.registry import DEFAULT_DROP_PATH, canonical_name
 
 BASE_LR = 5e-4
@@ -108,8 +108,9 @@ class ImageClassifier(L.LightningModule):
             "focal_gamma": focal_gamma,
         })
         self.class_names = class_names
-        self.model = create_model(variant, num_classes, pretrained=pretrained, linear_sra=linear_sra,
-                                  drop_path_rate=drop_path)
+        self.model = create_model(variant, num_classes, linear_sra=linear_sra, drop_path_rate=drop_path)
+        if pretrained is not None and load_pretrained(self.model, pretrained):
+            init_new_head(classifier_head(self.model))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.mix = self._build_mix(num_classes, mixup, cutmix)
@@ -260,6 +261,19 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_sm
     if class_weight is not None:
         per_class = per_class * class_weight.float()
     return per_class.sum(dim=-1).mean().to(logits.dtype)
+
+
+NEW_HEAD_STD = 2e-5
+"""Weights of a head replaced for fine-tuning start this small (MAE's fine-tuning init) and the biases at 0."""
+
+
+def init_new_head(head: nn.Module) -> None:
+    """Near-zero start for a head on pretrained features: every class starts equally likely, and the first
+    steps move it along the features. A std-0.02 random head (the from-scratch init) instead starts
+    confidently wrong, and at fine-tuning learning rates it takes hundreds of steps to undo."""
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=NEW_HEAD_STD)
+        nn.init.zeros_(head.bias)
 
 
 def classifier_head(model: nn.Module) -> nn.Module:
