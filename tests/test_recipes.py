@@ -86,8 +86,11 @@ def test_finetune_recipe_puts_the_stem_at_a_tenth_of_the_head(variant):
     blocks = (sum(len(stage.blocks) for stage in model.stages) if hasattr(model, "stages")
               else sum(len(getattr(model, f"layer{i}")) for i in range(1, 5)))
     assert recipe.values["layer_decay"] ** (blocks + 1) == pytest.approx(0.1, rel=0.05)
-    assert recipe.values["base_lr"] < 5e-4 and recipe.values["epochs"] < 100 and recipe.values["mixup"] == 0.0
+    small = choose_recipe("small", pretrained=False, num_train_images=500, demo=False, variant=variant)
+    assert recipe.values["base_lr"] < small.values["base_lr"] and recipe.values["mixup"] == 0.0
     large = choose_recipe("auto", pretrained=True, num_train_images=100_000, demo=False, variant=variant)
+    paper = choose_recipe("paper", pretrained=False, num_train_images=100_000, demo=False, variant=variant)
+    assert large.values["base_lr"] < paper.values["base_lr"] and large.values["epochs"] < paper.values["epochs"]
     assert large.values["mixup"] == 0.1  # BiT: a little MixUp from 20k images on
 
 
