@@ -82,7 +82,8 @@ def test_recipe_values_yield_to_the_user_and_fill_every_field():
 @pytest.mark.parametrize("variant", ["b0", "b2", "b5", "resnet50"])
 def test_finetune_recipe_puts_the_stem_at_a_tenth_of_the_head(variant):
     recipe = choose_recipe("auto", pretrained=True, num_train_images=500, demo=False, variant=variant)
-    model = create_model(variant, num_classes=2)
+    with torch.device("meta"):  # structure only: no weights to initialise
+        model = create_model(variant, num_classes=2)
     blocks = (sum(len(stage.blocks) for stage in model.stages) if hasattr(model, "stages")
               else sum(len(getattr(model, f"layer{i}")) for i in range(1, 5)))
     assert recipe.values["layer_decay"] ** (blocks + 1) == pytest.approx(0.1, rel=0.05)
@@ -210,7 +211,7 @@ def test_frozen_backbone_is_unchanged_in_epoch_0_and_trains_from_epoch_1(two_cla
     recorder = L.Callback()
     recorder.on_train_batch_start = lambda trainer, *args: lrs.append(
         [(g["head"], g["lr"]) for g in trainer.optimizers[0].param_groups])
-    fit_quietly(module, two_class_data, 2, [snapshots, recorder])
+    fit_quietly(module, two_class_data, 2, [snapshots, recorder], limit_val_batches=0)
     start, epoch0, epoch1 = snapshots.at["start"], snapshots.at[0], snapshots.at[1]
     assert changed(start, epoch0, head=False) == []  # not one backbone tensor moved in epoch 0
     assert changed(start, epoch0, head=True)  # while the head learnt
@@ -274,7 +275,7 @@ def test_layer_decay_sets_each_groups_rate_from_its_depth(two_class_data):
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = True
 
-    trainer = fit_quietly(module, two_class_data, 1, [StopAfterFirstStep()])
+    trainer = fit_quietly(module, two_class_data, 1, [StopAfterFirstStep()], limit_val_batches=0)
     groups = trainer.optimizers[0].param_groups
     group_of = {id(p): g for g in groups for p in g["params"]}
     for name, param in module.model.named_parameters():
@@ -346,9 +347,9 @@ def test_sampler_stays_in_place_in_a_lightning_fit(tmp_path):
 
     module = ImageClassifier("b0", num_classes=2, img_size=(32, 32), lr=1e-3)
     datamodule = ImageFolderDataModule(data, img_size=32, batch_size=11, num_workers=0, sampler="balanced")
-    trainer = fit_quietly(module, datamodule, 2, [Count()])
+    trainer = fit_quietly(module, datamodule, 1, [Count()], limit_val_batches=0)
     assert isinstance(trainer.train_dataloader.sampler, ClassBalancedSampler)
-    assert sum(seen.values()) == 88 and seen[1] > 20  # 4 rare images drawn ~44 times in 2 epochs
+    assert sum(seen.values()) == 44 and seen[1] > 10  # 4 rare images drawn ~22 times (sd 3.3) in one epoch
 
 
 @pytest.mark.slow
