@@ -21,6 +21,7 @@ dense datasheet peak (``pvt_lightning.throughput``). ``--compile-regions`` compi
 ``--onnx`` times onnxruntime (CPU; the CUDA execution provider with ``--device cuda`` where onnxruntime
 has it) running one dynamic ONNX export per variant against eager PyTorch with the same weights, the
 same way: interleaved step by step, ratio = onnxruntime speed / eager speed with its 95% interval.
+onnxruntime's worker threads do not spin while idle, so they leave the CPU to the eager step after them.
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
             torch.manual_seed(0)
             eager = reference.build_model(variant, "ours").eval()
             path, export_s = onnx_export_for(variant, eager, folder)
-            runtime = OnnxClassifier(path, device=args.device, threads=torch.get_num_threads())
+            # no spinning: onnxruntime's idle threads would otherwise take the CPU from the eager step after it
+            runtime = OnnxClassifier(path, device=args.device, threads=torch.get_num_threads(), spinning=False)
             provider = runtime.session.get_providers()[0].removesuffix("ExecutionProvider")
             eager = eager.to(args.device)
             for size in args.sizes:

@@ -291,13 +291,19 @@ class OnnxClassifier(ExportedClassifier):
     """An ONNX file run by onnxruntime, as an ``nn.Module`` (CPU tensors in and out; CUDA tensors are
     copied through the host, the CUDA execution provider runs the graph when ``device="cuda"``)."""
 
-    def __init__(self, source: str | Path | bytes, device: str = "cpu", threads: int | None = None):
+    def __init__(self, source: str | Path | bytes, device: str = "cpu", threads: int | None = None,
+                 spinning: bool = True):
+        """``threads``: onnxruntime's intra-op threads (default: one per core). ``spinning=False`` makes idle
+        worker threads sleep instead of spinning: a little more latency, but no CPU taken from other work
+        (e.g. the eager step a benchmark interleaves)."""
         super().__init__()
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.source = "<bytes>" if isinstance(source, bytes) else str(source)
         try:
             self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
