@@ -131,7 +131,7 @@ def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, 
         row.update(
             epoch_time_s=sum(times) / len(times) if times else None,
             peak_memory_mb=max(value for _, value in scalars[memory_tag]) if memory_tag else None,
-            memory_device=None if memory_tag is None else "cpu" if memory_tag.endswith("rss_mb") else "cuda",
+            memory_device=None if memory_tag is None else "cpu" if memory_tag.endswith(("pss_mb", "rss_mb")) else "cuda",
             best_epoch=best[0] if best else None,
             epochs=len(accuracy) or None,
         )
@@ -160,7 +160,7 @@ def _duration(seconds: float | None) -> str:
 def _memory(row: dict[str, Any]) -> str:
     if row["peak_memory_mb"] is None:
         return "-"
-    where = {"cuda": "GPU", "cpu": "RSS"}.get(row["memory_device"], "")
+    where = {"cuda": "GPU", "cpu": "CPU"}.get(row["memory_device"], "")
     return f"{row['peak_memory_mb']:.0f} MB {where}".rstrip()
 
 

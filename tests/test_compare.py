@@ -40,7 +40,7 @@ def write_events_run(run_dir: Path, val_acc: list[float]) -> None:
         writer.add_scalar("val/precision", acc - 0.1, epoch)
         writer.add_scalar("val/recall", acc - 0.2, epoch)
         writer.add_scalar("time/epoch_s", 10.0 + epoch, epoch)
-        writer.add_scalar("memory/peak_rss_mb", 900.0 + 10 * epoch, epoch)
+        writer.add_scalar("memory/peak_pss_mb", 900.0 + 10 * epoch, epoch)
     writer.close()
 
 
@@ -81,7 +81,7 @@ def test_markdown_table_has_the_seed_columns(tmp_path):
     header, rule, row = markdown.splitlines()
     assert header.startswith("| model | input | params (M) | GMACs | time / epoch | peak memory | precision / recall |")
     assert rule.count("---") == header.count("|") - 1
-    assert "| 80.0 / 70.0 | 90.0 |" in row and "| 10.0 s | 900 MB RSS |" in row
+    assert "| 80.0 / 70.0 | 90.0 |" in row and "| 10.0 s | 900 MB CPU |" in row
 
 
 @pytest.mark.slow
