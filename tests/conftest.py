@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores between the workers, do not oversubscribe
+    _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -43,6 +46,22 @@ def make_image_folder(
     per_split = {"train": per_class, "val": per_class} if split else {"": per_class}
     write_image_folder(root, classes, per_split, draw, seed=seed, name="{index:03d}.jpg", quality=95)
     return Path(root)
+
+
+def error_from(loader: Iterable, error: type[BaseException]) -> BaseException:
+    """The ``error`` that iterating ``loader`` raises, traceback dropped.
+
+    A failed DataLoader iterator sits in its error's traceback, a reference cycle; left to the garbage
+    collector it is finalised after its queues and then waits 5 s per worker process for a stop message
+    that never comes (in whichever later test the collector happens to run).
+    """
+    try:
+        for _ in loader:
+            pass
+    except error as raised:
+        raised.__traceback__ = None
+        return raised
+    raise AssertionError(f"iterating the loader raised no {error.__name__}")
 
 
 @pytest.fixture(name="make_image_folder")

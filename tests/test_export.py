@@ -1,7 +1,8 @@
 """Export for deployment: ONNX and ExportedProgram files that run at any input size, checked against eager.
 
-Fast tier: b0 and b2_li's architecture (linear SRA; one block per stage keeps export time down, the slow
-tier exports the full variants) at 224x224, 384x224 and 512x320 from one dynamic file per format.
+Fast tier: b0 and b2_li's architecture (widths, heads, linear SRA for b2_li; one block per stage keeps export
+time down, the slow tier exports the full variants) at 224x224, 384x224 and 512x320 from one dynamic file per
+format. Tests of the file handling around the export use a one-layer classifier.
 """
 
 from __future__ import annotations
@@ -27,10 +28,21 @@ SUFFIX = {"onnx": ".onnx", "exported-program": ".pt2"}
 
 
 def small_model(name: str) -> torch.nn.Module:
+    """The variant's widths, heads and attention (linear SRA for b2_li), one block per stage."""
     torch.manual_seed(0)
-    if name == "b2_li":  # b2_li's widths, heads and linear SRA; one block per stage
-        return create_model("b2_li", num_classes=3, depths=(1, 1, 1, 1)).eval()
-    return create_model(name, num_classes=3).eval()
+    return create_model(name, num_classes=3, depths=(1, 1, 1, 1)).eval()
+
+
+class OneLayer(torch.nn.Module):
+    """A classifier that exports in a moment: global average pool, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(x.mean(dim=(2, 3)))
 
 
 METADATA = dict(variant="test", class_names=("cat", "dog", "bird"), img_size=(224, 224), mean=(0.5, 0.4, 0.3),
@@ -112,15 +124,11 @@ def test_parity_check_catches_a_too_tight_tolerance(exported):
         verify_exported(path, model, tolerance=1e-12)
 
 
-class ExportDiverges(torch.nn.Module):
+class ExportDiverges(OneLayer):
     """A model whose traced path differs from its eager one (the bug class the parity check exists for)."""
 
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(3, 2)
-
     def forward(self, x):
-        logits = self.head(x.mean(dim=(2, 3)))
+        logits = super().forward(x)
         return logits + 1e-3 if torch.compiler.is_exporting() else logits
 
 
@@ -136,16 +144,16 @@ def test_existing_file_is_never_replaced_unasked(tmp_path):
     output = tmp_path / "model.onnx"
     output.write_text("mine")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        export_model(small_model("b0"), output, img_size=(32, 32))
+        export_model(OneLayer(), output, img_size=(32, 32))
     assert output.read_text() == "mine"
-    export_model(small_model("b0"), output, img_size=(32, 32), overwrite=True)
+    export_model(OneLayer(), output, img_size=(32, 32), overwrite=True)
     assert read_metadata(output).img_size == (32, 32)
 
 
 @torch.inference_mode()
 def test_fixed_size_file_runs_any_batch_and_refuses_other_sizes(tmp_path):
-    model = small_model("b0")
-    output = tmp_path / "b0.onnx"
+    model = OneLayer().eval()
+    output = tmp_path / "fixed.onnx"
     result = export_model(model, output, img_size=(64, 48), batch_size=4)
     meta = result.metadata
     assert (meta.dynamic_batch, meta.dynamic_size, meta.batch_size) == (False, False, 4)
@@ -159,7 +167,7 @@ def test_fixed_size_file_runs_any_batch_and_refuses_other_sizes(tmp_path):
 def test_missing_extra_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the extra does
     with pytest.raises(MissingExportDependency, match=EXTRA_HINT.replace("[", r"\[").replace("]", r"\]")):
-        export_model(small_model("b0"), tmp_path / "m.onnx", img_size=(32, 32))
+        export_model(OneLayer(), tmp_path / "m.onnx", img_size=(32, 32))
     assert 'pip install "pvt-lightning[export]"' in EXTRA_HINT
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, write_jpeg
+from conftest import error_from, make_image_folder, write_jpeg
 from pvt_lightning.checkpointing import AtomicCheckpointIO, CheckpointSaveError, atomic_torch_save
 from pvt_lightning.data import BadImageError, DataError, ImageFolderDataModule, decode_image, read_image
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_size
@@ -107,9 +107,7 @@ def test_a_class_whose_every_training_image_is_unreadable_is_a_data_error_naming
     for path in (root / "train" / "dog").iterdir():
         path.write_bytes(b"")  # all three emptied
     dm = datamodule(root, num_workers=2)  # two worker processes share what they find
-    with pytest.raises(DataError) as error:
-        list(dm.train_dataloader())
-    message = str(error.value)
+    message = str(error_from(dm.train_dataloader(), DataError))
     assert "all 3 images of class 'dog' in the train split" in message and str(root / "train" / "dog") in message
     assert "Traceback" not in message
 
