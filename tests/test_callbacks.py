@@ -194,7 +194,7 @@ def test_process_tree_pss_counts_children_and_skips_other_ranks():
         with_child = process_tree_pss(me)
         without_child = process_tree_pss(me, frozenset({child.pid}))
         assert with_child - without_child > 150 * 2**20
-        assert without_child >= me.memory_info().rss * 0.9
+        assert without_child >= me.memory_full_info().uss  # at least this process's own pages
     finally:
         child.kill()
         child.wait()
@@ -322,15 +322,15 @@ class EpochWallClock(L.Callback):
 
 
 def test_epoch_time_leaves_validation_out(jpeg_data, tmp_path):
-    """Validation sleeps at least 12 x 0.25 s inside the epoch; the logged epoch time must not contain it."""
+    """Validation sleeps at least 12 x 0.1 s inside the epoch; the logged epoch time must not contain it."""
     model = ImageClassifier("b0", num_classes=len(CLASSES), class_names=CLASSES, img_size=(IMG_SIZE, IMG_SIZE))
     timer, wall = EpochTimer(), EpochWallClock()
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, accelerator="cpu",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[wall, timer])
-    slow_val = DataLoader(SlowImages(jpeg_data / "val", delay_s=0.25), batch_size=BATCH_SIZE)
+    slow_val = DataLoader(SlowImages(jpeg_data / "val", delay_s=0.1), batch_size=BATCH_SIZE)
     trainer.fit(model, loader(jpeg_data / "train", shuffle=True), slow_val)
-    validation_s = 12 * 0.25
+    validation_s = 12 * 0.1
     assert wall.seconds > validation_s
     assert 0 < timer.epoch_times_s[0] < wall.seconds - 0.5 * validation_s
 
