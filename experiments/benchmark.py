@@ -22,6 +22,7 @@ dense datasheet peak (``pvt_lightning.throughput``). ``--compile-regions`` compi
 has it) running one dynamic ONNX export per variant against eager PyTorch with the same weights, the
 same way: interleaved step by step, ratio = onnxruntime speed / eager speed with its 95% interval.
 onnxruntime's worker threads do not spin while idle, so they leave the CPU to the eager step after them.
+``--onnx-profile`` adds each row's top op types by share of onnxruntime's kernel time (its profiler).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
            "pct_of_peak", "mfu"]
 ONNX_COLUMNS = ["variant", "size", "batch", "threads", "provider", "eager_img_s", "onnx_img_s", "ratio", "ratio_lo",
-                "ratio_hi", "max_abs_diff", "export_s"]
+                "ratio_hi", "max_abs_diff", "export_s", "top_ops"]
 DATA_COLUMNS = ["pipeline", "size", "images", "workers", "img_s", "img_s_per_worker", "ratio_vs_torchvision"]
 TORCHVISION_PIPELINE = "torchvision + PIL (float, normalised)"
 
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time onnxruntime on a dynamic ONNX export of each variant against eager PyTorch (inference)")
     p.add_argument("--onnx-batch-sizes", type=int, nargs="+", default=None,
                    help="--onnx: batch sizes to time, one export serving all (default: --batch-size)")
+    p.add_argument("--onnx-profile", action="store_true",
+                   help="--onnx: also profile onnxruntime and list its op types' shares of kernel time (column top_ops)")
     p.add_argument("--onnx-dir", type=Path, default=None,
                    help="--onnx: keep the exported <variant>.onnx files here and reuse them (default: a temp folder)")
     p.add_argument("--workers", type=int, default=0,
@@ -272,17 +275,48 @@ def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
                         x = torch.randn(batch, 3, *size, device=args.device)
                         diff = (runtime(x) - eager(x)).abs().max().item()
                     ratio = timing.paired_speed_ratio(times[0], times[1])  # > 1: onnxruntime faster
+                    top_ops = (op_time_shares(path, batch, size, torch.get_num_threads())
+                               if args.onnx_profile and provider == "CPU" else None)
                     row = dict(variant=variant, size=f"{size[0]}x{size[1]}", batch=batch,
                                threads=torch.get_num_threads(), provider=provider,
                                eager_img_s=batch / statistics.median(times[1]),
                                onnx_img_s=batch / statistics.median(times[0]), ratio=ratio.median,
-                               ratio_lo=ratio.low, ratio_hi=ratio.high, max_abs_diff=f"{diff:.1e}", export_s=export_s)
+                               ratio_lo=ratio.low, ratio_hi=ratio.high, max_abs_diff=f"{diff:.1e}", export_s=export_s,
+                               top_ops=top_ops)
                     rows.append(row)
                     save(rows)
                     print(f"{variant:8s} {row['size']:>8s} batch {batch:3d}  eager {row['eager_img_s']:7.2f} img/s  "
                           f"onnxruntime ({provider}) {row['onnx_img_s']:7.2f} img/s  ratio {ratio.median:.3f} "
                           f"[{ratio.low:.3f}, {ratio.high:.3f}]  max |diff| {diff:.1e}", flush=True)
     return rows
+
+
+def op_time_shares(path: Path, batch: int, size: tuple[int, int], threads: int, steps: int = 3, top: int = 6) -> str:
+    """Where onnxruntime's CPU kernel time goes, by op type after its graph optimisations (its own profiler):
+    e.g. "MatMul 39%; ReorderOutput 17%; Conv 14%" (Reorder*: the NCHWc layout conversions around convolutions)."""
+    import collections
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: torch.randn(batch, 3, *size).numpy()}
+        for _ in range(steps):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    shares: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            shares[event["args"]["op_name"]] += event["dur"]
+    total = sum(shares.values()) or 1
+    return "; ".join(f"{op} {100 * time / total:.0f}%" for op, time in shares.most_common(top))
 
 
 def load_line() -> str:
