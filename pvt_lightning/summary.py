@@ -18,7 +18,9 @@ SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"
 METRICS_CSV = "metrics.csv"
 """What ``--logger csv`` writes instead of event files (Lightning's CSVLogger)."""
-MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb", "memory/peak_pss_mb", "memory/peak_rss_mb")
+CUDA_MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb")
+CPU_MEMORY_TAGS = ("memory/peak_pss_mb", "memory/peak_rss_mb")  # rss: runs logged before PSS replaced it
+MEMORY_TAGS = CUDA_MEMORY_TAGS + CPU_MEMORY_TAGS
 """In order of preference for the table's one memory figure (reserved is what nvidia-smi shows)."""
 
 COLUMNS = ("run", "model", "input", "params_m", "gmacs", "epoch_time_s", "peak_memory_mb", "memory_device",
@@ -131,7 +133,7 @@ def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, 
         row.update(
             epoch_time_s=sum(times) / len(times) if times else None,
             peak_memory_mb=max(value for _, value in scalars[memory_tag]) if memory_tag else None,
-            memory_device=None if memory_tag is None else "cpu" if memory_tag.endswith(("pss_mb", "rss_mb")) else "cuda",
+            memory_device=None if memory_tag is None else "cuda" if memory_tag in CUDA_MEMORY_TAGS else "cpu",
             best_epoch=best[0] if best else None,
             epochs=len(accuracy) or None,
         )
