@@ -15,8 +15,8 @@ with fewer than 6 pairs, none with 1). A ratio whose interval holds 1.00 is a ti
 Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
 Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes; ``pct_of_peak`` compares it
 with a measured matmul rate, ``mfu`` (GPUs) the same count with attention products included with the device's
-dense datasheet peak (``pvt_lightning.throughput``). ``--compile-regions`` compiles our models per block
-(``pvt_lightning.compile``: both with ``--reference-variant``) and leaves timm's reference eager.
+dense datasheet peak (``pvt_lightning.training.throughput``). ``--compile-regions`` compiles our models per block
+(``pvt_lightning.training.compile``: both with ``--reference-variant``) and leaves timm's reference eager.
 
 ``--onnx`` times onnxruntime (CPU; the CUDA execution provider with ``--device cuda`` where onnxruntime
 has it) running one dynamic ONNX export per variant against eager PyTorch with the same weights, the
@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pvt_lightning.allocator import keep_freed_memory  # noqa: E402
-from pvt_lightning.bench import memory, reference, timing  # noqa: E402
-from pvt_lightning.bench.synthetic import write_photo_folder  # noqa: E402
-from pvt_lightning.bench.tables import markdown_table, write_csv  # noqa: E402
+from pvt_lightning.training.allocator import keep_freed_memory  # noqa: E402
+from tools.bench import memory, reference, timing  # noqa: E402
+from tools.bench.synthetic import write_photo_folder  # noqa: E402
+from pvt_lightning.runs.tables import markdown_table, write_csv  # noqa: E402
 from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity, variant_spec  # noqa: E402
-from pvt_lightning.throughput import device_peak_flops  # noqa: E402
+from pvt_lightning.training.throughput import device_peak_flops  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--compile-regions", action="store_true",
-                   help="compile our models per block (pvt_lightning.compile); timm's reference stays eager")
+                   help="compile our models per block (pvt_lightning.training.compile); timm's reference stays eager")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in the backward (both models)")
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=timing.MODES)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
@@ -154,7 +154,7 @@ def prepare(model: torch.nn.Module, args: argparse.Namespace, ours: bool = False
     if args.compile:
         model = torch.compile(model)
     if args.compile_regions and ours:
-        from pvt_lightning.compile import compile_regions
+        from pvt_lightning.training.compile import compile_regions
 
         compile_regions(model)
     return model
@@ -234,7 +234,7 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
 def onnx_export_for(variant: str, model: torch.nn.Module, folder: Path) -> tuple[Path, float | None]:
     """``folder/<variant>.onnx``, a dynamic export of ``model`` (reused if a dynamic export of it is there);
     with the export time in seconds, None when reused."""
-    from pvt_lightning.export import export_model, read_metadata
+    from pvt_lightning.export.exporting import export_model, read_metadata
 
     path = folder / f"{variant}.onnx"
     if path.is_file():
@@ -250,7 +250,7 @@ def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
     """One row per variant, size and batch: onnxruntime and eager images/s, interleaved, and their ratio."""
     import tempfile
 
-    from pvt_lightning.export import OnnxClassifier
+    from pvt_lightning.export.exporting import OnnxClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.onnx_dir or Path(tmp)
@@ -447,7 +447,7 @@ def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
 
 
 def onnxruntime_version() -> str:
-    from pvt_lightning.export import require
+    from pvt_lightning.export.exporting import require
 
     return require("onnxruntime").__version__
 

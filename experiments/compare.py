@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pvt_lightning.summary import (
+from pvt_lightning.runs.compare import (
     MEMORY_TAGS,
     format_markdown,
     format_per_class_markdown,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from make_digits import write_digits
 
-from pvt_lightning.cli import main as run
+from pvt_lightning.cli.main import main as run
 
 
 def split_val_in_halves(data: Path) -> None:

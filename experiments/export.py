@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pvt_lightning.export import main  # noqa: E402
+from pvt_lightning.export.exporting import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,7 +34,7 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pvt_lightning.summary import load_scalars  # noqa: E402
+from pvt_lightning.runs.compare import load_scalars  # noqa: E402
 
 
 def redraw(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:

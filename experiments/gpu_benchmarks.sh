@@ -47,7 +47,7 @@ trap 'rm -rf "$DATA"' EXIT
 make_images() {  # DATA/images: 4 classes of generated 500x375 JPEGs, written by one process per class
   local k split
   for k in 0 1 2 3; do
-    $PY -c "import sys; from pvt_lightning.bench.synthetic import write_photo_folder; write_photo_folder(sys.argv[1], classes=1, train_images=int(sys.argv[2]), val_per_class=32, seed=int(sys.argv[3]))" "$DATA/part$k" $((TRAIN_IMAGES / 4)) $((10 * k)) &
+    $PY -c "import sys; from tools.bench.synthetic import write_photo_folder; write_photo_folder(sys.argv[1], classes=1, train_images=int(sys.argv[2]), val_per_class=32, seed=int(sys.argv[3]))" "$DATA/part$k" $((TRAIN_IMAGES / 4)) $((10 * k)) &
   done
   wait
   for k in 0 1 2 3; do

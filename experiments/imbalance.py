@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from make_digits import write_digits  # noqa: E402
 
-from pvt_lightning.summary import load_scalars  # noqa: E402
+from pvt_lightning.runs.compare import load_scalars  # noqa: E402
 
 RUN = Path(__file__).resolve().parent / "run.py"
 CONFIGURATIONS = {

@@ -3,7 +3,7 @@
 
 import sys
 
-from pvt_lightning.cli import main
+from pvt_lightning.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,11 +4,11 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
 
-from .models import VARIANTS, create_model, load_pretrained, measure_complexity  # noqa: E402
+from pvt_lightning.models import VARIANTS, create_model, load_pretrained, measure_complexity  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY = {"ImageClassifier": ".module", "ImageFolderDataModule": ".data"}
+_LAZY = {"ImageClassifier": "pvt_lightning.training.module", "ImageFolderDataModule": "pvt_lightning.data"}
 
 
 def __getattr__(name: str):
@@ -16,7 +16,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

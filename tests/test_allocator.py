@@ -9,7 +9,7 @@ import pytest
 # Allocate, touch and free a 64 MB tensor, as a training step does; print the page faults of a steady-state round.
 PROBE = """
 import resource, sys, torch
-from pvt_lightning.allocator import keep_freed_memory
+from pvt_lightning.training.allocator import keep_freed_memory
 print(keep_freed_memory())
 def round_trip():
     x = torch.ones(16 * 2**20)  # 64 MB, zero-filled pages touched by the fill

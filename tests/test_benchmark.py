@@ -1,4 +1,4 @@
-"""The benchmark tooling (pvt_lightning.bench) stays apart from the library; experiments/benchmark.py runs end
+"""The benchmark tooling (tools.bench) stays apart from the library; experiments/benchmark.py runs end
 to end on tiny settings and writes complete tables; bad flags exit 2."""
 
 import csv
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pvt_lightning import create_model
-from pvt_lightning.bench import timing
-from pvt_lightning.bench.tables import markdown_table, write_csv
+from tools.bench import timing
+from pvt_lightning.runs.tables import markdown_table, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmark.py"
@@ -39,7 +39,7 @@ def test_import_pvt_lightning_pulls_no_tooling():
             del sys.modules[name]
         sys.modules.update(ours)
     assert "pvt_lightning.models.registry" in fresh
-    assert not [name for name in fresh if name.startswith("pvt_lightning.bench")]
+    assert not [name for name in fresh if name.startswith("tools.bench")]
 
 
 def test_interleaved_times_alternate_the_order():

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from pvt_lightning import ImageClassifier
-from pvt_lightning.callbacks import (
+from pvt_lightning.training.callbacks import (
     CUDA_MEMORY_TAGS,
     CudaPeakMemory,
     EpochLine,

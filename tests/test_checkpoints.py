@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pvt_lightning import create_model
-from pvt_lightning.models import CheckpointError
+from pvt_lightning.errors import CheckpointError
 
 timm = pytest.importorskip("timm")
 

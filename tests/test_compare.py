@@ -1,4 +1,4 @@
-"""Reading runs back (pvt_lightning.summary) and experiments/compare.py, on real event files and real runs."""
+"""Reading runs back (pvt_lightning.runs.compare) and experiments/compare.py, on real event files and real runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import make_image_folder
-from pvt_lightning.summary import epoch_series, find_runs, format_markdown, load_scalars, model_name, runs_table
+from pvt_lightning.runs.compare import epoch_series, find_runs, format_markdown, load_scalars, model_name, runs_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

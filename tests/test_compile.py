@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from pvt_lightning.compile import RECOMPILE_LIMIT, TensorDropPath, compile_regions, is_compiled
+from pvt_lightning.training.compile import RECOMPILE_LIMIT, TensorDropPath, compile_regions, is_compiled
 from pvt_lightning.models import create_model
 from pvt_lightning.models.pvt_v2 import Block, DropPath
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pvt_lightning.config import RunConfig, UsageError, parse_config, parse_devices
-from pvt_lightning.cli import main
+from pvt_lightning.cli.config import RunConfig, parse_config, parse_devices
+from pvt_lightning.errors import UsageError
+from pvt_lightning.cli.main import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml"))
 
@@ -102,7 +103,7 @@ def test_print_config_round_trips(capsys, tmp_path):
 
 
 def test_every_field_is_a_flag():
-    from pvt_lightning.config import build_parser
+    from pvt_lightning.cli.config import build_parser
 
     options = {o for action in build_parser()._actions for o in action.option_strings}
     for name in RunConfig.__dataclass_fields__:

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from conftest import error_from, write_jpeg
-from pvt_lightning.data import (DEMO_IMG_SIZE, BadImageError, DataError, ImageFolderDataModule, decode_image,
-                                ensure_demo_dataset, read_image)
+from pvt_lightning.data import DEMO_IMG_SIZE, ImageFolderDataModule, decode_image, ensure_demo_dataset, read_image
+from pvt_lightning.errors import BadImageError, DataError
 from pvt_lightning.data.decode import jpeg_size
 from pvt_lightning.data.demo import DEMO_CLASSES
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from pvt_lightning.cli import main
-from pvt_lightning.config import parse_config
-from pvt_lightning.rundir import RunPaths, claim_version, release_version_env
+from pvt_lightning.cli.main import main
+from pvt_lightning.cli.config import parse_config
+from pvt_lightning.runs.rundir import RunPaths, claim_version, release_version_env
 
 TINY = ["--variant", "b0", "--img-size", "32", "32", "--num-workers", "0", "--precision", "32",
         "--accelerator", "cpu", "--limit-train-batches", "2", "--limit-val-batches", "1", "--epochs", "1"]
@@ -33,14 +33,14 @@ def hparams(run_dir: Path) -> dict:
 
 def trainer_for(argv: list[str], tmp_path: Path):
     """The Trainer train() would build for ``argv`` (nothing is fitted)."""
-    from pvt_lightning.assembly import make_trainer
+    from pvt_lightning.cli.assemble import make_trainer
 
     config = parse_config(argv)
     return config, make_trainer(config, RunPaths(tmp_path / "runs" / "x" / "version_0"), [])
 
 
 def test_lr_scales_with_accumulation_and_world_size(tmp_path):
-    from pvt_lightning.train import scaled_lr
+    from pvt_lightning.cli.train import scaled_lr
 
     base = ["--accelerator", "cpu", "--base-lr", "5e-4", "--logdir", str(tmp_path)]
     lr_32 = scaled_lr(*trainer_for([*base, "--batch-size", "32"], tmp_path))
@@ -106,7 +106,7 @@ def test_csv_logger_writes_metrics_and_keeps_hparams(data, tmp_path):
     assert summary["best"]["metric"] == "val/recall/a" and 0 <= summary["best"]["value"] <= 1
     assert summary["memory_measure"] == "cpu_process_tree_pss" and summary["peak_pss_mb"] > 0
     assert "recall_a" in Path(summary["checkpoints"]["best"]).name
-    from pvt_lightning.summary import load_scalars, runs_table
+    from pvt_lightning.runs.compare import load_scalars, runs_table
 
     assert load_scalars(run_dir)["val/acc"] == [(0, pytest.approx(summary["metrics"]["val/acc"]))]
     assert runs_table(tmp_path / "runs")[0]["accuracy"] == pytest.approx(summary["metrics"]["val/acc"])
@@ -137,7 +137,7 @@ def test_evaluate_refuses_to_overwrite_the_checkpoint(data, tmp_path, capsys):
 
 def test_slurm_requeue_reuses_the_jobs_version_folder(tmp_path, monkeypatch):
     """A requeued SLURM job reruns the same command: it must find its hpc_ckpt in the same run folder."""
-    from pvt_lightning.rundir import open_run
+    from pvt_lightning.runs.rundir import open_run
 
     config = parse_config(["--logdir", str(tmp_path), "--name", "job", "--img-size", "32", "32"])
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

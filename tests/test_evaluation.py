@@ -1,4 +1,4 @@
-"""Evaluation after training (pvt_lightning.evaluation): files, calibration, operating points, plots, compare.
+"""Evaluation after training (pvt_lightning.evaluation.report): files, calibration, operating points, plots, compare.
 
 Expected values come from scikit-learn or from plain NumPy written here, never from the code under test.
 """
@@ -18,9 +18,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
 from torch.utils.tensorboard import SummaryWriter
 
-from pvt_lightning.data import DataError
-from pvt_lightning.rundir import OutputExistsError
-from pvt_lightning.evaluation import (
+from pvt_lightning.errors import DataError
+from pvt_lightning.errors import OutputExistsError
+from pvt_lightning.evaluation.report import (
     OPERATING_POINT_FILE,
     OperatingPoint,
     choose_thresholds,
@@ -338,7 +338,7 @@ CPU = ["--num-workers", "0", "--precision", "32", "--accelerator", "cpu"]
 def trained(tmp_path_factory):
     """b0 trained a few steps on 3 colour classes; a held-out test/ split (other seed) with one corrupt file."""
     from conftest import make_image_folder
-    from pvt_lightning.cli import main
+    from pvt_lightning.cli.main import main
 
     base = tmp_path_factory.mktemp("evaluation")
     data = make_image_folder(base / "data", classes=CLASSES, per_class=8, size=(32, 32))
@@ -353,7 +353,7 @@ def trained(tmp_path_factory):
 
 
 def run_main(*args: str) -> int:
-    from pvt_lightning.cli import main
+    from pvt_lightning.cli.main import main
 
     return main([*args, *CPU])
 

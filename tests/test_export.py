@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pvt_lightning.export import (EXTRA_HINT, ExportError, ExportMetadata, MissingExportDependency, ParityError,
-                                  export_model, load_exported, main, read_metadata, verify_exported)
+from pvt_lightning.export.exporting import EXTRA_HINT, ExportMetadata, export_model, load_exported, main, read_metadata, verify_exported
+from pvt_lightning.errors import ExportError, MissingExportDependency, ParityError
 from pvt_lightning.models import VARIANTS, create_model
 from pvt_lightning.models.pvt_v2 import pool_matrix
-from pvt_lightning.rundir import OutputExistsError
+from pvt_lightning.errors import OutputExistsError
 
 SIZES = [(224, 224), (384, 224), (512, 320)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +218,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(last.ckpt of a b0 trained 2 steps on real JPEGs, the image folder)."""
     from conftest import make_image_folder
 
-    from pvt_lightning.cli import main as run
+    from pvt_lightning.cli.main import main as run
 
     root = tmp_path_factory.mktemp("trained")
     data = make_image_folder(root / "data", classes=("blue", "green", "red"), per_class=4, size=(48, 40))
@@ -236,8 +236,8 @@ def read_predictions(path: Path) -> dict[str, tuple[str, float, list[tuple[str, 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
 def test_predict_from_export_equals_predict_from_checkpoint(trained, tmp_path, suffix):
-    from pvt_lightning.cli import main as run
-    from pvt_lightning.export import export_checkpoint
+    from pvt_lightning.cli.main import main as run
+    from pvt_lightning.export.exporting import export_checkpoint
 
     checkpoint, data = trained
     exported_file = tmp_path / f"tiny{suffix}"

@@ -280,7 +280,7 @@ class RecordBatches(L.Callback):
 def test_trainer_fits_through_the_gpu_path_on_cpu_tensors(make_image_folder, tmp_path):
     """Real JPEGs of two sizes and one corrupt file, the device path forced on the CPU: the model gets normalised
     float batches of the full batch size and the bad file is skipped and counted."""
-    from pvt_lightning.module import ImageClassifier
+    from pvt_lightning.training.module import ImageClassifier
 
     root = make_image_folder(tmp_path / "data", per_class=6, size=(48, 64))
     make_image_folder(tmp_path / "data", classes=("a",), per_class=2, size=(90, 40), seed=1)  # overwrites 000, 001

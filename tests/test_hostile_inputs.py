@@ -25,12 +25,15 @@ import torch
 from PIL import Image
 
 from conftest import error_from, make_image_folder, write_jpeg
-from pvt_lightning.checkpointing import AtomicCheckpointIO, CheckpointSaveError, atomic_torch_save
-from pvt_lightning.data import BadImageError, DataError, ImageFolderDataModule, decode_image, read_image
+from pvt_lightning.runs.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from pvt_lightning.errors import CheckpointSaveError
+from pvt_lightning.data import ImageFolderDataModule, decode_image, read_image
+from pvt_lightning.errors import BadImageError, DataError
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_size
-from pvt_lightning.data.errors import PATH_ERRORS
-from pvt_lightning.models import CheckpointError, create_model
-from pvt_lightning.models.checkpoints import (SAFETENSORS, STATE_DICT, TRAINING, check_resume_compatible,
+from pvt_lightning.errors import PATH_ERRORS
+from pvt_lightning.models import create_model
+from pvt_lightning.errors import CheckpointError
+from pvt_lightning.models.weights import (SAFETENSORS, STATE_DICT, TRAINING, check_resume_compatible,
                                               inspect_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +54,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 
 
 def classifier(class_names, variant="b0"):
-    from pvt_lightning.module import ImageClassifier
+    from pvt_lightning.training.module import ImageClassifier
 
     return ImageClassifier(variant, num_classes=len(class_names), class_names=list(class_names), img_size=(32, 32),
                            warmup_epochs=0)
@@ -75,7 +78,7 @@ def data_with_a_lone_bad_file_in_the_last_batch(root: Path, splits=("val",)) -> 
 
 
 def test_a_last_validation_and_test_batch_of_only_unreadable_files_is_skipped(tmp_path):
-    from pvt_lightning.callbacks import default_callbacks
+    from pvt_lightning.training.callbacks import default_callbacks
 
     bad = data_with_a_lone_bad_file_in_the_last_batch(tmp_path / "d", splits=("val", "test"))
     dm = datamodule(tmp_path / "d")
@@ -517,7 +520,7 @@ def test_a_real_full_or_read_only_disk_gives_one_message(tmp_path, mount_options
     target = tmp_path / "disk"
     target.mkdir()
     code = ("import sys, torch\n"
-            "from pvt_lightning.checkpointing import CheckpointSaveError, atomic_torch_save\n"
+            "from pvt_lightning.runs.checkpoint_io import CheckpointSaveError, atomic_torch_save\n"
             "path = sys.argv[1]\n"
             "try:\n"
             "    atomic_torch_save({'step': 1}, path)  # fits on the tiny disk\n"

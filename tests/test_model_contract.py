@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pvt_lightning import create_model
-from pvt_lightning.bench.reference import reference_with_same_weights
+from tools.bench.reference import reference_with_same_weights
 from pvt_lightning.models import VARIANTS, FeatureBackbone, ResNetClassifier, variant_spec
 
 pytest.importorskip("timm")

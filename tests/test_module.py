@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from pvt_lightning.module import ImageClassifier, WarmupCosine, classification_metrics, scaled_lr
+from pvt_lightning.training.module import ImageClassifier, WarmupCosine, classification_metrics, scaled_lr
 
 
 def test_macro_metrics_are_right_when_the_first_batch_is_perfect():

@@ -126,7 +126,7 @@ def _rows(metric: str, values: dict[str, tuple[float, float]]) -> list[dict]:
 
 
 def test_crossover_is_the_first_size_from_which_linear_sra_keeps_winning():
-    from pvt_lightning.bench.ablation import crossover, findings
+    from tools.bench.ablation import crossover, findings
 
     speed = {"224x224": (10.0, 9.0), "384x224": (6.0, 6.6), "512x512": (2.0, 1.95), "768x768": (1.0, 1.3),
              "1024x1024": (0.5, 0.8)}
@@ -141,7 +141,7 @@ def test_crossover_is_the_first_size_from_which_linear_sra_keeps_winning():
 
 def test_linear_sra_saves_params_everywhere_and_attention_compute_above_224():
     """At 224 both attentions see 7x7 keys/values in every stage; above it only the strided one grows."""
-    from pvt_lightning.bench.ablation import complexity_rows, crossover
+    from tools.bench.ablation import complexity_rows, crossover
 
     rows = complexity_rows("b0", [(224, 224), (448, 448)])
     by = {(r["size"], r["linear_sra"]): r for r in rows}

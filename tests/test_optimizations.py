@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pvt_lightning import create_model
-from pvt_lightning.bench.reference import reference_with_same_weights
+from tools.bench.reference import reference_with_same_weights
 from pvt_lightning.models.pvt_v2 import pool_tokens, pool_tokens_by_matmul, tokens_to_map
 
 timm = pytest.importorskip("timm")

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from conftest import make_image_folder, write_jpeg
 
-from pvt_lightning.data import DataError, ImageFolderDataModule
+from pvt_lightning.data import ImageFolderDataModule
+from pvt_lightning.errors import DataError
 from pvt_lightning.data.sampling import ClassBalancedSampler, balanced_class_weights, read_class_weights
 from pvt_lightning.models import create_model
-from pvt_lightning.module import ImageClassifier, classification_loss, param_groups
-from pvt_lightning.recipes import RECIPE_FIELDS, SMALL_DATASET, choose_recipe
+from pvt_lightning.training.module import ImageClassifier, classification_loss, param_groups
+from pvt_lightning.training.recipes import RECIPE_FIELDS, SMALL_DATASET, choose_recipe
 
 B0_DEPTHS = (2, 2, 2, 2)
 PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230)]
@@ -362,7 +363,7 @@ def test_balanced_sampler_under_two_process_ddp(tmp_path):
         import lightning as L
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from pvt_lightning.data import ImageFolderDataModule
-        from pvt_lightning.module import ImageClassifier
+        from pvt_lightning.training.module import ImageClassifier
 
         class Record(L.Callback):
             def __init__(self):

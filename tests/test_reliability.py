@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pvt_lightning import cli
-from pvt_lightning.rundir import RUN_VERSION_ENV
-from pvt_lightning.checkpointing import AtomicCheckpointIO, atomic_torch_save
-from pvt_lightning.reliability import EXIT_SIGTERM, EXIT_TRAINING_FAULT, RunStopped, explain_stops
+from pvt_lightning.cli import main as cli
+from pvt_lightning.runs.rundir import RUN_VERSION_ENV
+from pvt_lightning.runs.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from pvt_lightning.training.reliability import explain_stops
+from pvt_lightning.errors import EXIT_SIGTERM, EXIT_TRAINING_FAULT, RunStopped
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
@@ -217,7 +218,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     for attempt in range(5):  # until a kill lands inside a save (its temp file is left behind)
         writer = subprocess.Popen([sys.executable, "-c", (
             "import sys, torch\n"
-            "from pvt_lightning.checkpointing import atomic_torch_save\n"
+            "from pvt_lightning.runs.checkpoint_io import atomic_torch_save\n"
             "for step in range(10**6):\n"
             "    atomic_torch_save({'step': step, 'w': torch.full((4_000_000,), float(step))}, sys.argv[1])\n"
             "    print(step, flush=True)\n"
@@ -259,7 +260,7 @@ def test_out_of_memory_suggests_smaller_batch_checkpointing_and_bf16(workspace, 
     def out_of_memory(self, batch, batch_idx):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", out_of_memory)
+    monkeypatch.setattr("pvt_lightning.training.module.ImageClassifier.training_step", out_of_memory)
     monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     status = cli.main([*QUICK, "--epochs", "1", "--batch-size", "6", "--name", "oom"])
@@ -287,7 +288,7 @@ def test_internal_errors_keep_their_traceback(workspace, monkeypatch):
     def bug(self, batch, batch_idx):
         raise ZeroDivisionError("a bug in our code")
 
-    monkeypatch.setattr("pvt_lightning.module.ImageClassifier.training_step", bug)
+    monkeypatch.setattr("pvt_lightning.training.module.ImageClassifier.training_step", bug)
     monkeypatch.setenv(RUN_VERSION_ENV, "0")
     monkeypatch.chdir(workspace)
     with pytest.raises(ZeroDivisionError, match="a bug in our code"):

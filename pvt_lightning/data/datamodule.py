@@ -16,14 +16,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from .dataset import BAD_IMAGE_POLICIES, BadImageLog, CollateDroppingBad, ImageDataset, worker_init
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
-from .errors import BadImageError, DataError, printable
-from .folders import Sample, check_enough_classes, list_images, scan_split, stratified_split
-from .gpu_augment import AUGMENT_DEVICES, DeviceAugment, ShrinkToFit, UncroppedImages, collate_uncropped, \
+from pvt_lightning.data.dataset import BAD_IMAGE_POLICIES, BadImageLog, CollateDroppingBad, ImageDataset, worker_init
+from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from pvt_lightning.errors import BadImageError, DataError, printable
+from pvt_lightning.data.folders import Sample, check_enough_classes, list_images, scan_split, stratified_split
+from pvt_lightning.data.gpu_augment import AUGMENT_DEVICES, DeviceAugment, ShrinkToFit, UncroppedImages, collate_uncropped, \
     resolve_augment_device
-from .sampling import SAMPLERS, ClassBalancedSampler
-from .transforms import eval_transform, resize_target, train_transform
+from pvt_lightning.data.sampling import SAMPLERS, ClassBalancedSampler
+from pvt_lightning.data.transforms import eval_transform, resize_target, train_transform
 
 log = logging.getLogger("pvt_lightning.data")
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
-from .errors import PATH_ERRORS, BadImageError, DataError, printable
-from .folders import Sample
+from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
+from pvt_lightning.errors import BadImageError, DataError, PATH_ERRORS, printable
+from pvt_lightning.data.folders import Sample
 
 log = logging.getLogger("pvt_lightning.data")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import BadImageError, printable
+from pvt_lightning.errors import BadImageError, printable
 
 log = logging.getLogger("pvt_lightning.data")
 

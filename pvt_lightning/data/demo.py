@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from .errors import DataError
+from pvt_lightning.errors import DataError
 
 DEMO_VERSION = "demo-v1"
 DEMO_CLASSES = ("horizontal_stripes", "vertical_stripes", "checkerboard", "rings", "dots", "blobs")

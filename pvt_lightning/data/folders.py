@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import IMAGE_EXTENSIONS, is_image_file
-from .errors import DataError, printable
+from pvt_lightning.data.decode import IMAGE_EXTENSIONS, is_image_file
+from pvt_lightning.errors import DataError, printable
 
 log = logging.getLogger("pvt_lightning.data")
 

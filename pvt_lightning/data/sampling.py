@@ -17,8 +17,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
-from .errors import DataError
-from .folders import Sample
+from pvt_lightning.errors import DataError
+from pvt_lightning.data.folders import Sample
 
 SAMPLERS = ("none", "balanced", "sqrt")
 CLASS_WEIGHTS = ("none", "balanced")

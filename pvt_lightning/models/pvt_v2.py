@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .features import Indices, feature_take_indices
+from pvt_lightning.models.features import Indices, feature_take_indices
 
 MIN_INPUT_SIZE = 32
 """Smallest input side: stage 1 must hold at least one 8x8 spatial-reduction window."""

@@ -15,12 +15,48 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .features import FeatureBackbone
-from .pvt_v2 import PvtV2Config, PyramidVisionTransformerV2
-from .resnet import ResNetClassifier
+from pvt_lightning.models.features import FeatureBackbone
+from pvt_lightning.models.pvt_v2 import PvtV2Config, PyramidVisionTransformerV2
+from pvt_lightning.models.resnet import ResNetClassifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMG_SIZE = (224, 224)
+"""(height, width) when neither the command line nor a checkpoint gives one."""
+EVAL_CROP_PCT = 0.875
+"""The paper's evaluation: resize to size / 0.875, then centre crop (timm records 0.9 for the released weights)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of an image; saved in every checkpoint and export, used by evaluate, predict and serve.
+
+    Evaluation and prediction resize (keeping the aspect ratio) until both sides cover ``img_size / crop_pct``,
+    centre-crop ``img_size`` (height, width), scale to [0, 1] and normalise with ``mean`` / ``std``.
+    """
+
+    img_size: tuple[int, int] = DEFAULT_IMG_SIZE
+    crop_pct: float = EVAL_CROP_PCT
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # what data/transforms.py resizes with
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"img_size": list(self.img_size), "crop_pct": self.crop_pct, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Preprocessing":
+        """From ``as_dict`` output or a checkpoint's hyper-parameters (missing keys take the defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()
+                if k in known and v is not None}
+        return cls(**kept)
+
+    def replace(self, **overrides: Any) -> "Preprocessing":
+        """A copy with the given fields changed; ``None`` values keep the current ones (flags left unset)."""
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **changes)
 
 
 def build_pvt_v2(config: PvtV2Config, num_classes: int = 1000, *, linear_sra: bool | None = None,
@@ -80,6 +116,11 @@ class VariantSpec:
     @property
     def linear_sra(self) -> bool:
         return bool(getattr(self.arch, "linear_sra", False))
+
+    def preprocessing(self, img_size: Sequence[int] | None = None, crop_pct: float | None = None) -> Preprocessing:
+        """The preprocessing a run of this variant uses unless told otherwise: its normalisation, the paper's crop."""
+        return Preprocessing(img_size=tuple(img_size or DEFAULT_IMG_SIZE), crop_pct=crop_pct or EVAL_CROP_PCT,
+                             mean=self.mean, std=self.std)
 
     def pretrained_cfg(self) -> dict[str, Any]:
         """timm's ``pretrained_cfg`` dict: the released weights' classes and preprocessing, and the model's ends."""
@@ -174,7 +215,7 @@ def create_model(
     model = spec.build(spec.arch, num_classes, linear_sra=linear_sra, drop_path_rate=drop_path_rate, **overrides)
     model.pretrained_cfg = spec.pretrained_cfg()
     if pretrained is not None:
-        from .checkpoints import load_pretrained
+        from pvt_lightning.models.weights import load_pretrained
 
         load_pretrained(model, pretrained)
     if features_only:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from .features import Indices, feature_take_indices
+from pvt_lightning.models.features import Indices, feature_take_indices
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 

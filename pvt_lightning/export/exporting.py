@@ -1,6 +1,6 @@
 """Export for deployment: ONNX and ``torch.export`` (``.pt2``) files that run at any input size.
 
-    from pvt_lightning.export import export_checkpoint, load_exported
+    from pvt_lightning.export.exporting import export_checkpoint, load_exported
 
     export_checkpoint("runs/b2_li_224x224/version_0/checkpoints/best.ckpt", "b2_li.onnx", dynamic=True)
     model = load_exported("b2_li.onnx")  # nn.Module: normalised float (B, 3, H, W) -> logits (B, num_classes)
@@ -41,9 +41,10 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch import nn
 
-from .config import option
-from .models import MIN_INPUT_SIZE
-from .models.registry import IMAGENET_MEAN, IMAGENET_STD
+from pvt_lightning.cli.config import option
+from pvt_lightning.models import MIN_INPUT_SIZE
+from pvt_lightning.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from pvt_lightning.errors import ExportError, MissingExportDependency, ParityError
 
 FORMATS = ("onnx", "exported-program")
 SUFFIXES = {".onnx": "onnx", ".pt2": "exported-program"}
@@ -56,18 +57,6 @@ MIN_OPSET = 18
 DEFAULT_CROP_PCT = 0.875
 """The evaluation crop our data pipeline uses unless told otherwise (``--crop-pct``)."""
 EXTRA_HINT = 'pip install "pvt-lightning[export]"'
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or does not reproduce the model; the CLI prints it and exits 2."""
-
-
-class ParityError(ExportError):
-    """The exported graph's logits differ from the eager model's by more than the tolerance."""
-
-
-class MissingExportDependency(ExportError, ImportError):
-    """onnx / onnxruntime / onnxscript is not installed."""
 
 
 def require(module: str) -> Any:
@@ -513,7 +502,7 @@ def export_model(model: nn.Module, output: str | Path, *, format: str | None = N
     default: dynamic with ``dynamic``, else 1. The file is written (atomically, never over an existing
     file unless ``overwrite``) only after the parity check passed.
     """
-    from .rundir import check_output, write_file
+    from pvt_lightning.runs.rundir import check_output, write_file
 
     output = check_output(output, overwrite)  # before minutes of export
     format = export_format(output, format)
@@ -564,9 +553,9 @@ def resolve_batch(batch_size: int | str | None, dynamic: bool) -> tuple[bool, in
 def load_checkpoint_module(path: str | Path):
     """Our ImageClassifier from a ``.ckpt`` (weights_only), through the inference entry point's loader."""
     try:
-        from .infer import load_classifier
+        from pvt_lightning.cli.infer import load_classifier
     except ImportError:  # before the entry points moved
-        from .cli import load_classifier
+        from pvt_lightning.cli.main import load_classifier
     return load_classifier(path)
 
 
@@ -577,7 +566,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str
 
     Other keyword arguments as ``export_model`` (``dynamic``, ``batch_size``, ``opset``, ``overwrite``...).
     """
-    from .rundir import check_output
+    from pvt_lightning.runs.rundir import check_output
 
     check_output(output, kwargs.get("overwrite", False))
     export_format(output, format)
@@ -631,7 +620,8 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportConfig | None:
     import argparse
     import sys
 
-    from .config import UsageError, build_parser, explain, plain, to_yaml
+    from pvt_lightning.cli.config import build_parser, explain, plain, to_yaml
+    from pvt_lightning.errors import UsageError
 
     schema = ExportConfig
     parser = build_parser(schema, prog="experiments/export.py", description=(
@@ -661,14 +651,14 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportConfig | None:
 
 def run_export(config) -> ExportResult:
     """Export as ``config`` (an ExportConfig) says."""
-    from .config import UsageError
+    from pvt_lightning.errors import UsageError
 
     options = dict(format=config.format, dynamic=config.dynamic, batch_size=config.batch_size, opset=config.opset,
                    overwrite=config.overwrite, tolerance=config.tolerance)
     if config.checkpoint:
         return export_checkpoint(config.checkpoint, config.output, img_size=config.img_size,
                                  crop_pct=config.crop_pct, **options)
-    from .models import canonical_name, create_model
+    from pvt_lightning.models import canonical_name, create_model
 
     try:
         variant = canonical_name(config.variant)
@@ -684,9 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``experiments/export.py``: mistakes and failed parity checks print one line and exit 2."""
     import sys
 
-    from .config import UsageError
-    from .data import DataError
-    from .models import CheckpointError
+    from pvt_lightning.errors import UsageError
+    from pvt_lightning.errors import DataError
+    from pvt_lightning.errors import CheckpointError
 
     try:
         config = parse_export_args(argv)

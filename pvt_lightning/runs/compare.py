@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .bench.tables import markdown_table, write_csv as write_table_csv
+from pvt_lightning.runs.tables import markdown_table, write_csv as write_table_csv
 
 SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"

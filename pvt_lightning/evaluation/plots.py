@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.classification import BinaryPrecisionRecallCurve, MulticlassAveragePrecision
 
-from .evaluation import ECE_BINS, expected_calibration_error
+from pvt_lightning.evaluation.report import ECE_BINS, expected_calibration_error
 
 MAX_GRID_CLASSES = 30
 """Up to this many classes the confusion matrix shows every class; above, the most confused ones + "other"."""

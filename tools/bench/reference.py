@@ -7,7 +7,7 @@ import re
 
 from torch import nn
 
-from ..models import create_model, variant_spec
+from pvt_lightning.models import create_model, variant_spec
 
 
 def build_reference(name: str, num_classes: int = 1000) -> nn.Module:

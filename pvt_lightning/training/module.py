@@ -20,8 +20,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchvision.transforms import v2
 
-from .models import create_model, load_pretrained, measure_complexity
-from .models.registry import DEFAULT_DROP_PATH, canonical_name
+from pvt_lightning.models import create_model, load_pretrained, measure_complexity
+from pvt_lightning.models.registry import DEFAULT_DROP_PATH, canonical_name
 
 BASE_LR = 5e-4
 """Official recipe: lr 5e-4 per 512 images of total batch (scaled linearly)."""

@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from pvt_lightning.errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -30,15 +31,6 @@ STATE_DICT = "state_dict"
 """Plain weights in a PyTorch file (official release, timm, HF, or ``torch.save(model.state_dict())``)."""
 SAFETENSORS = "safetensors"
 """Plain weights in a .safetensors file."""
-
-
-class CheckpointError(ValueError):
-    """A weights file that cannot be used: unreadable, unsafe, or not matching the model."""
-
-    def __str__(self) -> str:
-        from ..data.errors import printable
-
-        return printable(super().__str__())  # paths in it may hold undecodable bytes
 
 
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled magic number
@@ -231,7 +223,7 @@ def _model_name(variant: str | None, linear_sra: bool | None) -> str:
     """'b0', or 'b2 with linear SRA' where the override differs from the variant's own attention."""
     if variant is None:
         return "?"
-    from .registry import variant_spec
+    from pvt_lightning.models.registry import variant_spec
 
     try:
         spec = variant_spec(variant)
@@ -244,7 +236,7 @@ def _model_name(variant: str | None, linear_sra: bool | None) -> str:
 
 def _architecture(variant: str, linear_sra: bool | None):
     """What decides whether weights fit: the variant's architecture with its linear-SRA override applied."""
-    from .registry import variant_spec
+    from pvt_lightning.models.registry import variant_spec
 
     spec = variant_spec(variant)
     if spec.family == "pvt_v2" and linear_sra is not None:

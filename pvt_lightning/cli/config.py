@@ -29,14 +29,11 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
                                  PositiveFloat, PositiveInt, restricted_number_type)
 
-from .data.decode import DEFAULT_MAX_IMAGE_PIXELS
-from .models import MIN_INPUT_SIZE, VARIANTS, canonical_name
-from .models.registry import is_pvt_v2
-from .recipes import RECIPE_NAMES
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or a config file: printed without a traceback, exit status 2."""
+from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from pvt_lightning.models import MIN_INPUT_SIZE, VARIANTS, canonical_name
+from pvt_lightning.models.registry import is_pvt_v2
+from pvt_lightning.training.recipes import RECIPE_NAMES
+from pvt_lightning.errors import UsageError
 
 
 FractionBelowOne = restricted_number_type("FractionBelowOne", float, [(">=", 0), ("<", 1)])

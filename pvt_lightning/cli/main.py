@@ -9,14 +9,15 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from .allocator import keep_freed_memory
-from .config import UsageError, parse_config
+from pvt_lightning.training.allocator import keep_freed_memory
+from pvt_lightning.cli.config import parse_config
+from pvt_lightning.errors import UsageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .models.checkpoints import CheckpointError
-    from .reliability import RunStopped
+    from pvt_lightning.errors import DataError
+    from pvt_lightning.errors import CheckpointError
+    from pvt_lightning.errors import RunStopped
 
     try:
         config = parse_config(argv)
@@ -24,14 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         keep_freed_memory()  # CPU steps stop page-faulting their activations back in (see allocator.py)
         if config.evaluate:
-            from .infer import evaluate
+            from pvt_lightning.cli.infer import evaluate
 
             return evaluate(config)
         if config.predict:
-            from .infer import predict
+            from pvt_lightning.cli.infer import predict
 
             return predict(config)
-        from .train import train
+        from pvt_lightning.cli.train import train
 
         return train(config)
     except (UsageError, DataError, CheckpointError) as err:

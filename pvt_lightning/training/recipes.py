@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .models.registry import DEFAULT_DROP_PATH, PVT_V2_CONFIGS, canonical_name
+from pvt_lightning.models.registry import DEFAULT_DROP_PATH, PVT_V2_CONFIGS, canonical_name
 
 RECIPE_NAMES = ("auto", "paper", "small", "finetune")
 """Choices of ``--recipe``; ``auto`` picks one of the others from the data."""
@@ -112,7 +112,7 @@ def choose_recipe(requested: str, *, pretrained: bool, num_train_images: int, de
     if name == "small":
         values = {**SMALL, "drop_path": min(0.1, DEFAULT_DROP_PATH[variant])}
         if demo:
-            from .data.demo import DEMO_EPOCHS  # the demo's own length: 0.85+ within 10 minutes on a laptop CPU
+            from pvt_lightning.data.demo import DEMO_EPOCHS  # the demo's own length: 0.85+ within 10 minutes on a laptop CPU
 
             values["epochs"] = DEMO_EPOCHS
             why += f"; built-in demo: {DEMO_EPOCHS} epochs"

@@ -3,7 +3,7 @@
 The reusable part of ``notebooks/linear_sra_ablation.ipynb`` (and of ``compare_runs.ipynb``'s
 tiny runs). Speed comes from ``bench.timing`` (the two models measured interleaved, so drift of a
 shared machine hits both alike); trainings go through the project's CLI in a subprocess, so they
-write ordinary run directories that ``pvt_lightning.summary`` reads back.
+write ordinary run directories that ``pvt_lightning.runs.compare`` reads back.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..models import create_model, measure_complexity
-from .memory import child_env, measure_peak_memory_here, release_memory, run_worker
-from .tables import markdown_table, write_csv
-from .timing import compare_step_times, paired_speed_ratio
+from pvt_lightning.models import create_model, measure_complexity
+from tools.bench.memory import child_env, measure_peak_memory_here, release_memory, run_worker
+from pvt_lightning.runs.tables import markdown_table, write_csv
+from tools.bench.timing import compare_step_times, paired_speed_ratio
 
 Size = tuple[int, int]
 SIZES: tuple[Size, ...] = ((224, 224), (384, 224), (448, 448), (512, 512), (640, 640), (768, 768), (1024, 1024))
@@ -121,7 +121,7 @@ def peak_memory(variant: str, sizes: Sequence[Size], batch_size: int, modes: Seq
     """
     spec = dict(variant=variant, sizes=[list(s) for s in sizes], batch_size=batch_size, modes=list(modes),
                 device=device, precision=precision, steps=steps)
-    records = run_worker("pvt_lightning.bench.ablation", spec, timeout, f"memory measurement of {variant}")
+    records = run_worker("tools.bench.ablation", spec, timeout, f"memory measurement of {variant}")
     return {(r["size"], r["linear_sra"], r["mode"]): {"peak_mb": r["peak_mb"], "mem_mb": r["activations_mb"]}
             for r in records}
 
@@ -355,12 +355,12 @@ def plot_gain(rows: Sequence[dict[str, Any]], metrics: Sequence[str], out_path: 
 # --- short trainings through the CLI -------------------------------------------------------------------------
 
 def run_cli(args: Sequence[str], echo: bool = True, timeout: float | None = None) -> Path:
-    """Run ``python -m pvt_lightning.cli ARGS`` in a fresh process and return the run directory it made.
+    """Run ``python -m pvt_lightning.cli.main ARGS`` in a fresh process and return the run directory it made.
 
     A subprocess keeps each run's state (seed, run-version environment, data-loader workers) apart
     from the caller's. With ``echo``, prints the log, keeping only the final state of progress bars.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "pvt_lightning.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "pvt_lightning.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=child_env())
     log = []
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -14,8 +14,9 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .config import RunConfig, UsageError, parse_devices
-from .rundir import RunPaths
+from pvt_lightning.cli.config import RunConfig, parse_devices
+from pvt_lightning.errors import UsageError
+from pvt_lightning.runs.rundir import RunPaths
 
 
 def say(message: str) -> None:
@@ -23,7 +24,7 @@ def say(message: str) -> None:
 
 
 def make_datamodule(config: RunConfig, data_dir: Path, augment: str | None = None, **overrides: Any):
-    from .data import ImageFolderDataModule
+    from pvt_lightning.data import ImageFolderDataModule
 
     return ImageFolderDataModule(
         data_dir, img_size=tuple(config.img_size), batch_size=config.batch_size, num_workers=config.num_workers,
@@ -53,9 +54,9 @@ def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -
     """The run's callbacks and its ModelCheckpoint (best by --monitor, plus last.ckpt)."""
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 
-    from .callbacks import default_callbacks
-    from .throughput import FlopsUtilization
-    from .reliability import LastCheckpointSaver, StopOnNonFiniteLoss
+    from pvt_lightning.training.callbacks import default_callbacks
+    from pvt_lightning.training.throughput import FlopsUtilization
+    from pvt_lightning.training.reliability import LastCheckpointSaver, StopOnNonFiniteLoss
 
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints, filename=checkpoint_filename(config.monitor), auto_insert_metric_name=False,
@@ -90,7 +91,7 @@ class RunCsvLogger(CSVLogger):
 
 def make_trainer(config: RunConfig, paths: RunPaths, callbacks: list[L.Callback]) -> L.Trainer:
     """The Trainer for a fit; a device or strategy Lightning cannot provide is a usage error, not a traceback."""
-    from .checkpointing import AtomicCheckpointIO
+    from pvt_lightning.runs.checkpoint_io import AtomicCheckpointIO
 
     return checked_trainer(
         config,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,31 +18,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from pvt_lightning.errors import EXIT_SIGTERM, EXIT_TRAINING_FAULT, EXIT_USER_ERROR, NonFiniteLossError, RunStopped
 
 
-EXIT_SIGTERM = 128 + signal.SIGTERM
-"""Exit status after a SIGTERM stop (the shell's convention for 'terminated'): the run can be resumed."""
-EXIT_TRAINING_FAULT = 3
-"""Exit status when training stopped on a numerical fault or out of memory (1 stays for crashes with tracebacks)."""
-EXIT_USER_ERROR = 2
-"""Exit status for a problem the user fixes outside the program: here, a disk that is full or not writable."""
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-class RunStopped(Exception):
-    """Training stopped early for a reason the user can act on: printed without a traceback."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, value: float, epoch: int, step: int):
-        super().__init__(f"training loss is {value} at epoch {epoch}, global step {step}")
-        self.value, self.epoch, self.step = value, epoch, step
 
 
 class LastCheckpointSaver(Callback):
@@ -108,7 +86,7 @@ class StopOnNonFiniteLoss(Callback):
 def explain_stops(trainer: L.Trainer, args: argparse.Namespace) -> Iterator[None]:
     """Run ``trainer.fit`` in this: SIGTERM, NaN loss, out-of-memory and a full or read-only disk become clear
     messages. (A failed checkpoint save is already a ``CheckpointSaveError``, exit status 2, and passes through.)"""
-    from .checkpointing import save_error_message
+    from pvt_lightning.runs.checkpoint_io import save_error_message
 
     try:
         yield

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .timing import MODES, StepRunner, synchronize
+from tools.bench.timing import MODES, StepRunner, synchronize
 
 
 @dataclass
@@ -111,14 +111,14 @@ def measure_peak_memories(model_name: str, img_size: tuple[int, int] = (224, 224
 
     Inference runs first (its peak is the lower); the peak-RSS mark is reset between modes (Linux),
     where that is unsupported later modes' CPU peaks are upper bounds. ``keep_freed_memory`` applies
-    ``pvt_lightning.allocator.keep_freed_memory`` in the subprocess, as training runs do. ``compile_regions``
-    compiles the model per block (``pvt_lightning.compile``) and runs one unmeasured step per mode first.
+    ``pvt_lightning.training.allocator.keep_freed_memory`` in the subprocess, as training runs do. ``compile_regions``
+    compiles the model per block (``pvt_lightning.training.compile``) and runs one unmeasured step per mode first.
     """
     spec = dict(model_name=model_name, img_size=list(img_size), batch_size=batch_size,
                 modes=sorted(modes, key=MODES.index), device=device, precision=precision, impl=impl,
                 grad_checkpointing=grad_checkpointing, channels_last=channels_last, steps=steps,
                 keep_freed_memory=keep_freed_memory, compile_regions=compile_regions)
-    result = run_worker("pvt_lightning.bench.memory", spec, timeout, f"memory measurement of {impl} {model_name}")
+    result = run_worker("tools.bench.memory", spec, timeout, f"memory measurement of {impl} {model_name}")
     return {mode: PeakMemory(**values) for mode, values in result.items()}
 
 
@@ -144,10 +144,10 @@ def run_worker(module: str, spec: dict, timeout: float, what: str):
 
 def memory_worker(spec: dict) -> None:
     """Subprocess side of ``measure_peak_memories``: prints {mode: {peak_mb, activations_mb}} as JSON."""
-    from .reference import build_model
+    from tools.bench.reference import build_model
 
     if spec.get("keep_freed_memory"):
-        from ..allocator import keep_freed_memory
+        from pvt_lightning.training.allocator import keep_freed_memory
 
         keep_freed_memory()
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def memory_worker(spec: dict) -> None:
     if spec["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if spec.get("compile_regions"):
-        from ..compile import compile_regions
+        from pvt_lightning.training.compile import compile_regions
 
         compile_regions(model)
     result = {}

@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
-from .callbacks import EpochTimer, log_epoch_scalars
+from pvt_lightning.training.callbacks import EpochTimer, log_epoch_scalars
 
 FLOPS_TAG = "perf/flops_per_s"
 MFU_TAG = "perf/mfu"

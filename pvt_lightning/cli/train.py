@@ -14,10 +14,11 @@ from pathlib import Path
 
 import lightning as L
 
-from .config import RunConfig, UsageError, default_num_workers
-from .recipes import RECIPE_FIELDS, Recipe, choose_recipe
-from .assembly import make_callbacks, make_datamodule, make_trainer, resolve_precision, say
-from .rundir import RunPaths, build_summary, open_run, release_version_env, remove_if_empty_run, write_hparams, \
+from pvt_lightning.cli.config import RunConfig, default_num_workers
+from pvt_lightning.errors import UsageError
+from pvt_lightning.training.recipes import RECIPE_FIELDS, Recipe, choose_recipe
+from pvt_lightning.cli.assemble import make_callbacks, make_datamodule, make_trainer, resolve_precision, say
+from pvt_lightning.runs.rundir import RunPaths, build_summary, open_run, release_version_env, remove_if_empty_run, write_hparams, \
     write_summary
 
 Trainer = L.Trainer
@@ -47,7 +48,7 @@ def train(config: RunConfig) -> int:
         raise
     complexity = module.complexity()
     if config.compile:
-        from .compile import compile_regions
+        from pvt_lightning.training.compile import compile_regions
 
         compile_regions(module.model)
     if trainer.is_global_zero:
@@ -72,7 +73,7 @@ def train(config: RunConfig) -> int:
 
 
 def fit(trainer: Trainer, module, datamodule, config: RunConfig, paths: RunPaths) -> None:
-    from .reliability import explain_stops
+    from pvt_lightning.training.reliability import explain_stops
 
     try:
         with explain_stops(trainer, config):
@@ -86,7 +87,7 @@ def fit(trainer: Trainer, module, datamodule, config: RunConfig, paths: RunPaths
 
 def note_failed_start(paths: RunPaths, err: BaseException) -> None:
     """A run that stopped before its first checkpoint says why in its folder (``failed.txt``)."""
-    from .rundir import write_file
+    from pvt_lightning.runs.rundir import write_file
 
     reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     write_file(paths.run_dir / "failed.txt", f"This run stopped before its first checkpoint.\n{reason}\n",
@@ -97,7 +98,7 @@ def data_source(config: RunConfig) -> tuple[Path, bool]:
     """``--data``, or the built-in demo dataset (generated once) when it is omitted."""
     if config.data is not None:
         return Path(config.data).expanduser(), False
-    from .data.demo import ensure_demo_dataset
+    from pvt_lightning.data.demo import ensure_demo_dataset
 
     data_dir = ensure_demo_dataset()
     say(f"No --data given: training on the built-in demo dataset at {data_dir}.\n"
@@ -108,7 +109,7 @@ def data_source(config: RunConfig) -> tuple[Path, bool]:
 
 def resolve_data_defaults(config: RunConfig, data_dir: Path, demo: bool) -> RunConfig:
     """Absolute --data, input size (the demo's own, else 224x224), loader workers and precision, where unset."""
-    from .data.demo import DEMO_IMG_SIZE
+    from pvt_lightning.data.demo import DEMO_IMG_SIZE
 
     img_size = config.img_size or list(DEMO_IMG_SIZE if demo else (224, 224))
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
@@ -119,7 +120,7 @@ def resolve_data_defaults(config: RunConfig, data_dir: Path, demo: bool) -> RunC
 
 def resolve_recipe(config: RunConfig, num_train_images: int, demo: bool) -> tuple[RunConfig, Recipe]:
     """Fill every recipe field the user left unset from the recipe (then the variant's own defaults)."""
-    from .models.registry import DEFAULT_DROP_PATH, DEFAULT_GRAD_CLIP
+    from pvt_lightning.models.registry import DEFAULT_DROP_PATH, DEFAULT_GRAD_CLIP
 
     try:
         recipe = choose_recipe(config.recipe, pretrained=config.pretrained is not None,
@@ -144,8 +145,8 @@ def check_class_options(config: RunConfig, class_names: list[str]) -> None:
 
 def check_resume(config: RunConfig, class_names: list[str]) -> None:
     """``--resume`` only continues the same run: same model, input size and classes (else use --pretrained)."""
-    from .models.checkpoints import check_resume_compatible, inspect_checkpoint
-    from .rundir import resume_checkpoint
+    from pvt_lightning.models.weights import check_resume_compatible, inspect_checkpoint
+    from pvt_lightning.runs.rundir import resume_checkpoint
 
     checkpoint = resume_checkpoint(config)
     if checkpoint is not None:
@@ -163,8 +164,8 @@ def total_batch(config: RunConfig, trainer: Trainer) -> int:
 
 
 def make_module(config: RunConfig, datamodule):
-    from .data.sampling import class_counts, resolve_class_weights
-    from .module import ImageClassifier
+    from pvt_lightning.data.sampling import class_counts, resolve_class_weights
+    from pvt_lightning.training.module import ImageClassifier
 
     train_counts = class_counts(datamodule.samples("train"), datamodule.num_classes)
     return ImageClassifier(
@@ -181,7 +182,7 @@ def make_module(config: RunConfig, datamodule):
 
 def class_balance(config: RunConfig, datamodule, module) -> dict:
     """summary.json's ``class_counts``, ``imbalance_ratio`` and ``imbalance_handling`` (data/sampling.py)."""
-    from .data.sampling import imbalance_summary
+    from pvt_lightning.data.sampling import imbalance_summary
 
     handling = {"class_weights": config.class_weights, "sampler": config.sampler, "loss": config.loss}
     if config.loss == "focal":
@@ -197,7 +198,7 @@ def banner(config: RunConfig, recipe: Recipe, module, complexity, datamodule, tr
     devices = f"{config.batch_size} x {trainer.world_size} device(s)"
     if trainer.accumulate_grad_batches > 1:
         devices += f" x {trainer.accumulate_grad_batches} accumulated"
-    from .data.sampling import imbalance_line
+    from pvt_lightning.data.sampling import imbalance_line
 
     recipe_values = ", ".join(f"{key} {getattr(config, key)}" for key in RECIPE_FIELDS)
     return (f"{config.variant}{' (linear SRA)' if module.linear_sra_enabled else ''} | {h}x{w} | "

@@ -17,11 +17,8 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .models.checkpoints import CheckpointError, describe_checkpoint, read_state_dict_file
-
-
-class CheckpointSaveError(CheckpointError):
-    """A checkpoint could not be written; the previous file at its path is kept."""
+from pvt_lightning.models.weights import describe_checkpoint, read_state_dict_file
+from pvt_lightning.errors import CheckpointError, CheckpointSaveError
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

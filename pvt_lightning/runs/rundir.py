@@ -19,15 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from .config import RunConfig, UsageError
+from pvt_lightning.cli.config import RunConfig
+from pvt_lightning.errors import OutputExistsError, UsageError
 
 VERSION = re.compile(r"version_(\d+)")
 RUN_VERSION_ENV = "PVT_LIGHTNING_RUN_VERSION"
 """Set by the launching process before DDP workers start, so every rank writes to the same version folder."""
-
-
-class OutputExistsError(UsageError):
-    """An output file exists and overwriting was not asked for."""
 
 
 def check_output(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
@@ -193,7 +190,7 @@ class RunPaths:
 
 def default_run_name(config: RunConfig) -> str:
     """e.g. b2_li_384x224, b2_li_224x224 (b2 with linear SRA forced on), b2_noli_..., resnet50_384x224."""
-    from .models.registry import PVT_V2_CONFIGS, is_pvt_v2
+    from pvt_lightning.models.registry import PVT_V2_CONFIGS, is_pvt_v2
 
     name = config.variant
     if is_pvt_v2(config.variant) and config.linear_sra is not None:
@@ -230,7 +227,7 @@ def open_run(config: RunConfig) -> RunPaths:
 
 def write_hparams(paths: RunPaths, config: RunConfig) -> None:
     """``hparams.yaml``: the fully resolved configuration; ``--config hparams.yaml`` reruns it."""
-    from .config import to_yaml
+    from pvt_lightning.cli.config import to_yaml
 
     write_file(paths.run_dir / "hparams.yaml", to_yaml(config), overwrite=paths.resume_from is not None)
 
@@ -241,7 +238,7 @@ def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
 
 def build_summary(trainer, module, datamodule, checkpoint, complexity, config: RunConfig, recipe) -> dict[str, Any]:
     """summary.json: the run's final figures (field names are a contract other tools read)."""
-    from .callbacks import run_figures
+    from pvt_lightning.training.callbacks import run_figures
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                if k in ("val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "val/loss")}

@@ -23,7 +23,7 @@ import torch._dynamo
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from .models.pvt_v2 import Block, DropPath
+from pvt_lightning.models.pvt_v2 import Block, DropPath
 
 RECOMPILE_LIMIT = 64
 """Compiled graphs allowed per block type before torch falls back to eager (4 stages x 2 modes x 8 sizes)."""

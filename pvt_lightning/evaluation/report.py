@@ -31,9 +31,10 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from .config import UsageError
-from .data.errors import DataError
-from .rundir import OutputExistsError, check_output, write_file
+from pvt_lightning.errors import UsageError
+from pvt_lightning.errors import DataError
+from pvt_lightning.runs.rundir import check_output, write_file
+from pvt_lightning.errors import OutputExistsError
 
 ECE_BINS = 15
 ABSTAIN = "abstain"
@@ -422,7 +423,7 @@ def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequenc
     measured on this one. Accuracy, AP, log-loss, ECE and PR curves are of the model as is (T = 1);
     ``calibration`` holds NLL and ECE after scaling. ``extra`` (skipped images, TTA) goes into report.json.
     """
-    from .evaluation_plots import confusion_matrix_png, pr_curves_png, reliability_png
+    from pvt_lightning.evaluation.plots import confusion_matrix_png, pr_curves_png, reliability_png
 
     logits, targets = logits.float().cpu(), targets.long().cpu()
     point = operating_point

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..data.demo import write_image_folder
+from pvt_lightning.data.demo import write_image_folder
 
 PHOTO_SIZE = (375, 500)
 """(height, width) of the generated images: a typical ImageNet photo."""

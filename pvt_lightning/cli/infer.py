@@ -16,16 +16,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .assembly import checked_trainer, make_datamodule, resolve_precision, say
-from .config import RunConfig, UsageError, parse_devices
-from .data.errors import DataError
-from .models.checkpoints import CheckpointError, read_state_dict_file
-from .rundir import atomic_open, check_output, write_file
+from pvt_lightning.cli.assemble import checked_trainer, make_datamodule, resolve_precision, say
+from pvt_lightning.cli.config import RunConfig, parse_devices
+from pvt_lightning.errors import UsageError
+from pvt_lightning.errors import DataError
+from pvt_lightning.models.weights import read_state_dict_file
+from pvt_lightning.errors import CheckpointError
+from pvt_lightning.runs.rundir import atomic_open, check_output, write_file
 
 
 def load_classifier(path: str | Path):
     """An ImageClassifier from one of our .ckpt files, read with weights_only=True."""
-    from .module import ImageClassifier
+    from pvt_lightning.training.module import ImageClassifier
 
     checkpoint = read_state_dict_file(path)  # refuses unsafe pickles with a clear message
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint:
@@ -39,7 +41,7 @@ def load_classifier(path: str | Path):
 def load_predictor(path: str | Path):
     """A ``.ckpt`` as ImageClassifier, or an exported ``.onnx`` / ``.pt2`` file (onnxruntime / torch.export) as a
     classifier module with the same ``hparams`` names (class_names, img_size; mean/std from the file)."""
-    from .export import is_exported_file, load_exported
+    from pvt_lightning.export.exporting import is_exported_file, load_exported
 
     if is_exported_file(path):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +60,7 @@ def evaluate(config: RunConfig) -> int:
     """``--evaluate CKPT``: logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
     predictions, plots and (with a target) ``operating_point.json`` in ``--output-dir``; ``--output`` also gets
     the macro figures as JSON under the tags training logs (``val/acc``...)."""
-    from .evaluation import LogitCollector, OperatingPoint, check_outputs, evaluation_file_names, evaluation_files, \
+    from pvt_lightning.evaluation.report import LogitCollector, OperatingPoint, check_outputs, evaluation_file_names, evaluation_files, \
         gather_predictions, headline_metrics, summary_lines, write_outputs
 
     checkpoint = Path(config.evaluate).expanduser()
@@ -105,7 +107,7 @@ def evaluate(config: RunConfig) -> int:
 
 def default_evaluation_dir(checkpoint: Path, split: str) -> Path:
     """``eval_<split>_<checkpoint name>`` in the checkpoint's run folder (next to the checkpoint elsewhere)."""
-    from .rundir import version_dir_of
+    from pvt_lightning.runs.rundir import version_dir_of
 
     return (version_dir_of(checkpoint) or checkpoint.parent) / f"eval_{split}_{checkpoint.stem}"
 
@@ -117,9 +119,9 @@ def predict(config: RunConfig) -> int:
     ``decision`` column is added); without it, an ``operating_point.json`` next to the checkpoint only adds
     the calibrated probability of the top class.
     """
-    from .data import ImageFolderDataModule
-    from .evaluation import LogitCollector, OperatingPoint, find_operating_point
-    from .export import is_exported_file
+    from pvt_lightning.data import ImageFolderDataModule
+    from pvt_lightning.evaluation.report import LogitCollector, OperatingPoint, find_operating_point
+    from pvt_lightning.export.exporting import is_exported_file
 
     checkpoint = Path(config.checkpoint).expanduser()
     run_dir = checkpoint.parent if is_exported_file(checkpoint) else checkpoint.parent.parent  # .ckpt: the run
@@ -157,7 +159,7 @@ def predict(config: RunConfig) -> int:
 
 def with_checkpoint_input(config: RunConfig, module) -> RunConfig:
     """The checkpoint's input size unless ``--img-size`` was given; workers from the CPU count."""
-    from .config import default_num_workers
+    from pvt_lightning.cli.config import default_num_workers
 
     img_size = config.img_size or list(module.hparams.img_size)
     workers = default_num_workers() if config.num_workers is None else config.num_workers
@@ -167,7 +169,7 @@ def with_checkpoint_input(config: RunConfig, module) -> RunConfig:
 def data_folder(config: RunConfig) -> Path:
     if config.data:
         return Path(config.data).expanduser()
-    from .data.demo import ensure_demo_dataset
+    from pvt_lightning.data.demo import ensure_demo_dataset
 
     return ensure_demo_dataset()
 
@@ -200,7 +202,7 @@ class PredictionCsvWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        from .evaluation import prediction_rows
+        from pvt_lightning.evaluation.report import prediction_rows
 
         if prediction is None:  # every image of the batch was unreadable
             return
@@ -214,7 +216,7 @@ class PredictionCsvWriter(BasePredictionWriter):
 
     def finish(self, world_size: int) -> int:
         """Join the ranks' parts (dropping the duplicates a distributed sampler pads with) into the CSV."""
-        from .evaluation import prediction_columns
+        from pvt_lightning.evaluation.report import prediction_columns
 
         seen, rows = set(), 0
         with atomic_open(self.path, "w", self.overwrite, newline="", encoding="utf-8", errors="surrogateescape") as f:

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its losses, optimiser groups and schedule, recipes and callbacks."""

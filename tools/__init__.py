@@ -1,0 +1,1 @@
+"""Development tooling kept out of the installed package (benchmarks, reference models, tables)."""
