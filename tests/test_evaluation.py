@@ -1,4 +1,4 @@
-"""Evaluation after training (pvt_lightning.evaluation.report): files, calibration, operating points, plots, compare.
+"""Evaluation after training (pvt_lightning.evaluation): files, calibration, operating points, plots, compare.
 
 Expected values come from scikit-learn or from plain NumPy written here, never from the code under test.
 """
@@ -20,16 +20,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pvt_lightning.errors import DataError
 from pvt_lightning.errors import OutputExistsError
-from pvt_lightning.evaluation.report import (
-    OPERATING_POINT_FILE,
-    OperatingPoint,
-    choose_thresholds,
-    decide,
-    evaluation_file_names,
-    evaluation_files,
-    fit_temperature,
-    write_outputs,
-)
+from pvt_lightning.evaluation.calibration import fit_temperature
+from pvt_lightning.evaluation.operating_point import OPERATING_POINT_FILE, OperatingPoint, choose_thresholds, decide
+from pvt_lightning.evaluation.report import evaluation_file_names, evaluation_files, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -60,8 +60,10 @@ def evaluate(config: RunConfig) -> int:
     """``--evaluate CKPT``: logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
     predictions, plots and (with a target) ``operating_point.json`` in ``--output-dir``; ``--output`` also gets
     the macro figures as JSON under the tags training logs (``val/acc``...)."""
-    from pvt_lightning.evaluation.report import LogitCollector, OperatingPoint, check_outputs, evaluation_file_names, evaluation_files, \
-        gather_predictions, headline_metrics, summary_lines, write_outputs
+    from pvt_lightning.evaluation.collect import LogitCollector, gather_predictions
+    from pvt_lightning.evaluation.operating_point import OperatingPoint
+    from pvt_lightning.evaluation.report import check_outputs, evaluation_file_names, evaluation_files, \
+        headline_metrics, summary_lines, write_outputs
 
     checkpoint = Path(config.evaluate).expanduser()
     targeted = config.target_precision is not None or config.target_recall is not None
@@ -120,7 +122,8 @@ def predict(config: RunConfig) -> int:
     the calibrated probability of the top class.
     """
     from pvt_lightning.data import ImageFolderDataModule
-    from pvt_lightning.evaluation.report import LogitCollector, OperatingPoint, find_operating_point
+    from pvt_lightning.evaluation.collect import LogitCollector
+    from pvt_lightning.evaluation.operating_point import OperatingPoint, find_operating_point
     from pvt_lightning.export.exporting import is_exported_file
 
     checkpoint = Path(config.checkpoint).expanduser()

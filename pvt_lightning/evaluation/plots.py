@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.classification import BinaryPrecisionRecallCurve, MulticlassAveragePrecision
 
-from pvt_lightning.evaluation.report import ECE_BINS, expected_calibration_error
+from pvt_lightning.evaluation.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 
 MAX_GRID_CLASSES = 30
 """Up to this many classes the confusion matrix shows every class; above, the most confused ones + "other"."""
@@ -123,17 +123,6 @@ def pr_curves_png(probs: torch.Tensor, targets: torch.Tensor, class_names: Seque
         hist.grid(alpha=0.3)
     figure.tight_layout()
     return png_bytes(figure)
-
-
-def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:
-    """Per equal-width bin of top-label confidence: mean confidence, accuracy and image count."""
-    confidence, predicted = probs.max(dim=-1)
-    correct = (predicted == targets).double()
-    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1  # bins are (lo, hi]
-    count = torch.bincount(index, minlength=bins).double()
-    mean_conf = torch.bincount(index, confidence.double(), minlength=bins) / count.clamp(min=1)
-    accuracy = torch.bincount(index, correct, minlength=bins) / count.clamp(min=1)
-    return {"confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(), "count": count.tolist()}
 
 
 def reliability_png(probs: torch.Tensor, targets: torch.Tensor, calibrated: torch.Tensor | None = None,

@@ -1,10 +1,8 @@
-"""After training: per-class metrics, temperature scaling, operating points, and the files ``--evaluate`` writes.
+"""The files ``--evaluate`` writes (report, per-class and prediction CSVs, plots, operating point) and ``--predict``'s rows.
 
-Everything starts from the logits (N, C) of one split, the true classes (N,), the image paths and
-the class names. Metrics come from torchmetrics (log-loss, which torchmetrics lacks, is the
-cross-entropy of the logits). Scores, thresholds and decisions are always on the *calibrated*
-probabilities ``softmax(logits / T)`` (T = 1 when not calibrated): temperature changes how the
-classes rank against each other per image, so thresholds chosen at one T do not carry to another.
+Everything starts from the logits (N, C) of one split, the true classes (N,), the image paths and the
+class names; metrics come from ``evaluation.metrics``, temperature scaling from ``evaluation.calibration``
+and thresholds from ``evaluation.operating_point``.
 """
 
 from __future__ import annotations
@@ -13,281 +11,29 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAveragePrecision,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassPrecisionRecallCurve,
-    MulticlassRecall,
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from pvt_lightning.errors import OutputExistsError, UsageError
+from pvt_lightning.evaluation.calibration import calibrated_probs, calibration_summary, fit_temperature
+from pvt_lightning.evaluation.metrics import classification_report
+from pvt_lightning.evaluation.operating_point import (
+    ABSTAIN,
+    OPERATING_POINT_FILE,
+    OperatingPoint,
+    choose_thresholds,
+    decide,
+    operating_point_report,
 )
-
-from pvt_lightning.errors import UsageError
-from pvt_lightning.errors import DataError
 from pvt_lightning.runs.rundir import check_output, write_file
-from pvt_lightning.errors import OutputExistsError
 
-ECE_BINS = 15
-ABSTAIN = "abstain"
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support", "average_precision")
 MAX_PROBABILITY_COLUMNS = 100
 """predictions.csv gets one probability column per class up to this many classes (top-5 only above)."""
-OPERATING_POINT_FILE = "operating_point.json"
 
-
-def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """softmax(logits / T): (N, C) float32 probabilities."""
-    return (logits.float() / temperature).softmax(dim=-1)
-
-
-def log_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true class (nats)."""
-    return F.cross_entropy(logits.double() / temperature, targets).item()
-
-
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-label ECE, 15 equal-width confidence bins, L1 (torchmetrics' MulticlassCalibrationError)."""
-    return MulticlassCalibrationError(probs.shape[1], n_bins=ECE_BINS, norm="l1")(probs, targets).item()
-
-
-# --- metrics ---------------------------------------------------------------------------------------------------
-
-def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
-                          temperature: float = 1.0) -> dict[str, Any]:
-    """Macro and per-class precision/recall/F1/support/AP, accuracy, top-5, log-loss and ECE.
-
-    Precision/recall/F1 are of the argmax prediction (which temperature does not change); AP, log-loss
-    and ECE of ``softmax(logits / temperature)``. A class never predicted has precision 0.
-    """
-    num_classes = len(class_names)
-    probs = calibrated_probs(logits, temperature)
-    k = min(5, num_classes)
-
-    def per_class(metric) -> list[float]:
-        return metric(probs, targets).tolist()
-
-    precision = per_class(MulticlassPrecision(num_classes, average=None))
-    recall = per_class(MulticlassRecall(num_classes, average=None))
-    f1 = per_class(MulticlassF1Score(num_classes, average=None))
-    ap = [None if math.isnan(v) else v for v in per_class(MulticlassAveragePrecision(num_classes, average=None))]
-    support = torch.bincount(targets, minlength=num_classes).tolist()
-    confusion = MulticlassConfusionMatrix(num_classes)(probs, targets)
-    return {
-        "num_images": len(targets),
-        "num_classes": num_classes,
-        "accuracy": MulticlassAccuracy(num_classes, average="micro")(probs, targets).item(),
-        f"top{k}_accuracy": MulticlassAccuracy(num_classes, top_k=k, average="micro")(probs, targets).item(),
-        "log_loss": log_loss(logits, targets, temperature),
-        "ece": expected_calibration_error(probs, targets),
-        "macro": {
-            "precision": MulticlassPrecision(num_classes, average="macro")(probs, targets).item(),
-            "recall": MulticlassRecall(num_classes, average="macro")(probs, targets).item(),
-            "f1": MulticlassF1Score(num_classes, average="macro")(probs, targets).item(),
-            "average_precision": _nan_mean(ap),
-        },
-        "per_class": {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i],
-                             "average_precision": ap[i]} for i, name in enumerate(class_names)},
-        "most_confused": most_confused(confusion, class_names),
-    }
-
-
-def _nan_mean(values: Sequence[float | None]) -> float | None:
-    """Mean of the values that exist (AP is None for a class absent from the split)."""
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
-
-
-def most_confused(confusion: torch.Tensor, class_names: Sequence[str], top: int = 20) -> list[dict[str, Any]]:
-    """The ``top`` largest off-diagonal cells of the confusion matrix (rows true, columns predicted)."""
-    off = confusion.clone()
-    off.fill_diagonal_(0)
-    counts, flat = off.flatten().topk(min(top, off.numel()))
-    n = len(class_names)
-    return [{"true": class_names[i // n], "predicted": class_names[i % n], "count": c}
-            for c, i in zip(counts.tolist(), flat.tolist()) if c > 0]
-
-
-# --- temperature scaling -------------------------------------------------------------------------------------
-
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
-    """The one scalar T minimising NLL(softmax(logits / T)), by LBFGS on log T (so T stays positive)."""
-    logits = logits.detach().double()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature = log_t.exp().item()
-    if not math.isfinite(temperature) or log_loss(logits, targets, temperature) > log_loss(logits, targets):
-        return 1.0  # never worse than not calibrating
-    return temperature
-
-
-def calibration_summary(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict[str, float]:
-    """NLL and ECE before (T = 1) and after scaling by ``temperature``."""
-    return {
-        "temperature": temperature,
-        "nll_before": log_loss(logits, targets), "nll_after": log_loss(logits, targets, temperature),
-        "ece_before": expected_calibration_error(calibrated_probs(logits), targets),
-        "ece_after": expected_calibration_error(calibrated_probs(logits, temperature), targets),
-    }
-
-
-# --- operating points ----------------------------------------------------------------------------------------
-
-@dataclass
-class OperatingPoint:
-    """Temperature and one probability threshold per class (None: the class never reaches the target).
-
-    Saved as ``operating_point.json``: ``{"temperature", "thresholds", "target", "split", "checkpoint"}``.
-    """
-
-    temperature: float
-    thresholds: dict[str, float | None]
-    target: dict[str, float] = field(default_factory=dict)
-    split: str | None = None
-    checkpoint: str | None = None
-
-    @property
-    def unreachable(self) -> list[str]:
-        return [name for name, t in self.thresholds.items() if t is None]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def load(cls, path: str | Path, class_names: Sequence[str] | None = None) -> "OperatingPoint":
-        """Read and check a file written by ``--evaluate``; with ``class_names``, they must match its classes."""
-        path = Path(path).expanduser()
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"operating point file {path} not found; write one with --evaluate ... "
-                            "--target-precision P (or --target-recall R)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"operating point file {path} is not valid JSON ({err})") from None
-        ok = isinstance(raw, dict) and isinstance(raw.get("thresholds"), dict) and all(
-            t is None or isinstance(t, (int, float)) for t in raw["thresholds"].values())
-        temperature = raw.get("temperature") if isinstance(raw, dict) else None
-        if not ok or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise DataError(f"{path} is not an operating point: expected {{\"temperature\": T > 0, \"thresholds\": "
-                            f"{{class: number or null}}, ...}} as written by --evaluate --target-precision")
-        point = cls(float(temperature), {str(k): None if v is None else float(v) for k, v in raw["thresholds"].items()},
-                    raw.get("target") or {}, raw.get("split"), raw.get("checkpoint"))
-        if class_names is not None and list(point.thresholds) != list(class_names):
-            raise DataError(f"{path} has thresholds for the classes {list(point.thresholds)[:10]}, the checkpoint "
-                            f"predicts {list(class_names)[:10]}; use the operating point made for this checkpoint")
-        return point
-
-
-def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
-                      target_precision: float | None = None,
-                      target_recall: float | None = None) -> dict[str, float | None]:
-    """Per class, on one-vs-rest scores ``probs[:, c]``: the lowest threshold whose precision is at least
-    ``target_precision``, or the highest whose recall is at least ``target_recall`` (None if none does).
-
-    An image counts as predicted positive for class c when ``probs[:, c] >= threshold``.
-    """
-    if (target_precision is None) == (target_recall is None):
-        raise ValueError("give exactly one of target_precision and target_recall")
-    curve = MulticlassPrecisionRecallCurve(len(class_names))  # exact: thresholds are the distinct scores
-    precision, recall, thresholds = curve(probs, targets)
-    chosen: dict[str, float | None] = {}
-    for i, name in enumerate(class_names):
-        # Ascending thresholds; precision/recall[j] hold for score >= thresholds[j] (one extra final point).
-        scores = thresholds[i]
-        p, r = precision[i][: len(scores)], recall[i][: len(scores)]
-        support = int((targets == i).sum())
-        if target_precision is not None:
-            ok = (p >= target_precision).nonzero().flatten()
-            index = ok[0] if len(ok) and support else None
-        else:
-            ok = (r >= target_recall).nonzero().flatten()
-            index = ok[-1] if len(ok) and support else None
-        chosen[name] = None if index is None else scores[index].item()
-    return chosen
-
-
-def decide(probs: torch.Tensor, thresholds: Sequence[float | None]) -> torch.Tensor:
-    """Per image, the most probable class among those at or above their threshold, else -1 (abstain): (N,)."""
-    limits = torch.tensor([math.inf if t is None else t for t in thresholds], dtype=probs.dtype)
-    cleared = probs >= limits  # (N, C)
-    best = probs.masked_fill(~cleared, -1.0).argmax(dim=-1)
-    return torch.where(cleared.any(dim=-1), best, torch.full_like(best, -1))
-
-
-def operating_point_report(probs: torch.Tensor, targets: torch.Tensor, point: OperatingPoint) -> dict[str, Any]:
-    """What the thresholds give on this split: one-vs-rest precision/recall per class, and the decisions'
-    coverage (fraction not abstained) and accuracy among the decided images."""
-    names = list(point.thresholds)
-    per_class = {}
-    for i, (name, t) in enumerate(point.thresholds.items()):
-        positive = probs[:, i] >= (math.inf if t is None else t)
-        true = targets == i
-        tp = int((positive & true).sum())
-        per_class[name] = {"threshold": t, "precision": tp / int(positive.sum()) if positive.any() else None,
-                           "recall": tp / int(true.sum()) if true.any() else None}
-    decisions = decide(probs, [point.thresholds[n] for n in names])
-    decided = decisions >= 0
-    return {
-        "target": point.target, "temperature": point.temperature, "unreachable": point.unreachable,
-        "per_class": per_class,
-        "coverage": decided.float().mean().item() if len(decided) else 0.0,
-        "decided_accuracy": (decisions[decided] == targets[decided]).float().mean().item() if decided.any() else None,
-    }
-
-
-# --- collecting logits through the Trainer ---------------------------------------------------------------------
-
-class LogitCollector(L.LightningModule):
-    """A trained classifier for ``trainer.predict``: batches ``(images, paths)`` -> logits and paths.
-
-    With ``tta`` the logits are the mean of those of the images and of their horizontal flips. Logits,
-    not softmax probabilities, are averaged: temperature scaling, log-loss and thresholds then apply to
-    the averaged logits exactly as to a single pass.
-    """
-
-    def __init__(self, classifier: torch.nn.Module, tta: bool = False):
-        super().__init__()
-        self.classifier = classifier
-        self.tta = tta
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(images)  # (B, C)
-        if self.tta:
-            logits = (logits + self.classifier(images.flip(-1))) / 2
-        return logits
-
-    def predict_step(self, batch, batch_idx: int) -> dict[str, Any] | None:
-        if batch is None:  # every image of the batch was unreadable (skipped by the data module)
-            return None
-        images, paths = batch
-        return {"logits": self(images).float().cpu(), "paths": list(paths)}
-
-
-def gather_predictions(outputs: Sequence[dict[str, Any]], num_classes: int) -> tuple[torch.Tensor, list[str]]:
-    """``trainer.predict``'s list of batch outputs -> logits (N, C) and the N paths (empty batches allowed)."""
-    outputs = [out for out in outputs if out is not None and len(out["paths"])]
-    logits = [out["logits"] for out in outputs]
-    paths = [path for out in outputs for path in out["paths"]]
-    return (torch.cat(logits) if logits else torch.empty(0, num_classes)), paths
-
-
-# --- files ----------------------------------------------------------------------------------------------------
 
 def per_class_csv(report: dict[str, Any], operating: dict[str, Any] | None = None) -> str:
     """per_class.csv: ``class,precision,recall,f1,support,average_precision`` (+ threshold columns)."""
@@ -376,12 +122,6 @@ def prediction_rows(paths: Sequence[str], logits: torch.Tensor, class_names: Seq
                ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n], top_p[n]))]
         rows.append(row + [f"{q:.9g}" for q in every[n]] if every is not None else row)
     return rows
-
-
-def find_operating_point(checkpoint: str | Path) -> Path | None:
-    """``operating_point.json`` next to ``checkpoint``, if there is one."""
-    candidate = Path(checkpoint).expanduser().parent / OPERATING_POINT_FILE
-    return candidate if candidate.is_file() else None
 
 
 def _number(value: float | int | None) -> str:

@@ -1,0 +1,72 @@
+"""Calibration of a classifier's logits: temperature-scaled probabilities, log-loss, ECE, temperature fitting.
+
+Scores, thresholds and decisions elsewhere in ``evaluation`` are always on the *calibrated* probabilities
+``softmax(logits / T)`` (T = 1 when not calibrated): temperature changes how the classes rank against
+each other per image, so thresholds chosen at one T do not carry to another. Log-loss, which
+torchmetrics lacks, is the cross-entropy of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassCalibrationError
+
+ECE_BINS = 15
+
+
+def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T): (N, C) float32 probabilities."""
+    return (logits.float() / temperature).softmax(dim=-1)
+
+
+def log_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true class (nats)."""
+    return F.cross_entropy(logits.double() / temperature, targets).item()
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-label ECE, 15 equal-width confidence bins, L1 (torchmetrics' MulticlassCalibrationError)."""
+    return MulticlassCalibrationError(probs.shape[1], n_bins=ECE_BINS, norm="l1")(probs, targets).item()
+
+
+def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Per equal-width bin of top-label confidence: mean confidence, accuracy and image count."""
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == targets).double()
+    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1  # bins are (lo, hi]
+    count = torch.bincount(index, minlength=bins).double()
+    mean_conf = torch.bincount(index, confidence.double(), minlength=bins) / count.clamp(min=1)
+    accuracy = torch.bincount(index, correct, minlength=bins) / count.clamp(min=1)
+    return {"confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(), "count": count.tolist()}
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
+    """The one scalar T minimising NLL(softmax(logits / T)), by LBFGS on log T (so T stays positive)."""
+    logits = logits.detach().double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = log_t.exp().item()
+    if not math.isfinite(temperature) or log_loss(logits, targets, temperature) > log_loss(logits, targets):
+        return 1.0  # never worse than not calibrating
+    return temperature
+
+
+def calibration_summary(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict[str, float]:
+    """NLL and ECE before (T = 1) and after scaling by ``temperature``."""
+    return {
+        "temperature": temperature,
+        "nll_before": log_loss(logits, targets), "nll_after": log_loss(logits, targets, temperature),
+        "ece_before": expected_calibration_error(calibrated_probs(logits), targets),
+        "ece_after": expected_calibration_error(calibrated_probs(logits, temperature), targets),
+    }

@@ -1,0 +1,73 @@
+"""Per-class and macro classification metrics of one split's logits (torchmetrics), and the most confused pairs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAveragePrecision,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from pvt_lightning.evaluation.calibration import calibrated_probs, expected_calibration_error, log_loss
+
+
+def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                          temperature: float = 1.0) -> dict[str, Any]:
+    """Macro and per-class precision/recall/F1/support/AP, accuracy, top-5, log-loss and ECE.
+
+    Precision/recall/F1 are of the argmax prediction (which temperature does not change); AP, log-loss
+    and ECE of ``softmax(logits / temperature)``. A class never predicted has precision 0.
+    """
+    num_classes = len(class_names)
+    probs = calibrated_probs(logits, temperature)
+    k = min(5, num_classes)
+
+    def per_class(metric) -> list[float]:
+        return metric(probs, targets).tolist()
+
+    precision = per_class(MulticlassPrecision(num_classes, average=None))
+    recall = per_class(MulticlassRecall(num_classes, average=None))
+    f1 = per_class(MulticlassF1Score(num_classes, average=None))
+    ap = [None if math.isnan(v) else v for v in per_class(MulticlassAveragePrecision(num_classes, average=None))]
+    support = torch.bincount(targets, minlength=num_classes).tolist()
+    confusion = MulticlassConfusionMatrix(num_classes)(probs, targets)
+    return {
+        "num_images": len(targets),
+        "num_classes": num_classes,
+        "accuracy": MulticlassAccuracy(num_classes, average="micro")(probs, targets).item(),
+        f"top{k}_accuracy": MulticlassAccuracy(num_classes, top_k=k, average="micro")(probs, targets).item(),
+        "log_loss": log_loss(logits, targets, temperature),
+        "ece": expected_calibration_error(probs, targets),
+        "macro": {
+            "precision": MulticlassPrecision(num_classes, average="macro")(probs, targets).item(),
+            "recall": MulticlassRecall(num_classes, average="macro")(probs, targets).item(),
+            "f1": MulticlassF1Score(num_classes, average="macro")(probs, targets).item(),
+            "average_precision": _nan_mean(ap),
+        },
+        "per_class": {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i],
+                             "average_precision": ap[i]} for i, name in enumerate(class_names)},
+        "most_confused": most_confused(confusion, class_names),
+    }
+
+
+def _nan_mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that exist (AP is None for a class absent from the split)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def most_confused(confusion: torch.Tensor, class_names: Sequence[str], top: int = 20) -> list[dict[str, Any]]:
+    """The ``top`` largest off-diagonal cells of the confusion matrix (rows true, columns predicted)."""
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().topk(min(top, off.numel()))
+    n = len(class_names)
+    return [{"true": class_names[i // n], "predicted": class_names[i % n], "count": c}
+            for c, i in zip(counts.tolist(), flat.tolist()) if c > 0]
