@@ -88,7 +88,7 @@ def test_markdown_table_has_the_seed_columns(tmp_path):
 def test_no_runs_is_a_clear_error_exit_2(tmp_path):
     done = compare("--logdir", str(tmp_path), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
-    assert done.stderr.startswith(f"error: no runs under {tmp_path}") and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"pvt-lightning: error: no runs under {tmp_path}") and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pvt_lightning.cli.config import RunConfig, parse_config, parse_devices
+from pvt_lightning.cli.config import parse_args, parse_devices
+from pvt_lightning.cli.options import TrainConfig
 from pvt_lightning.errors import UsageError
 from pvt_lightning.cli.main import main
 
@@ -20,7 +21,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_resolves(config, tmp_path):
-    parsed = parse_config(["--config", str(config), "--data", str(tmp_path)])
+    parsed = parse_args(TrainConfig, ["--config", str(config), "--data", str(tmp_path)])
     written = yaml.safe_load(config.read_text())
     assert parsed.variant == written["variant"].removeprefix("pvt_v2_")
     assert parsed.img_size == written["img-size"]
@@ -29,7 +30,7 @@ def test_config_resolves(config, tmp_path):
 
 
 def test_command_line_overrides_a_config(tmp_path):
-    parsed = parse_config(["--config", str(CONFIGS[0]), "--data", str(tmp_path), "--epochs", "7",
+    parsed = parse_args(TrainConfig, ["--config", str(CONFIGS[0]), "--data", str(tmp_path), "--epochs", "7",
                            "--img-size", "64", "48"])
     assert parsed.epochs == 7 and parsed.img_size == [64, 48]
 
@@ -38,7 +39,7 @@ def test_later_config_files_win(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("epochs: 3\nbatch-size: 8\n")
     second.write_text("epochs: 5\n")
-    parsed = parse_config(["--config", str(first), "--config", str(second)])
+    parsed = parse_args(TrainConfig, ["--config", str(first), "--config", str(second)])
     assert (parsed.epochs, parsed.batch_size) == (5, 8)
 
 
@@ -46,7 +47,7 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
     """YAML 1.1 reads `1e-3` as a string; the typed configuration still gets the number."""
     file = tmp_path / "c.yaml"
     file.write_text("lr: 1e-3\nbase_lr: 2E-4\n")
-    parsed = parse_config(["--config", str(file)])
+    parsed = parse_args(TrainConfig, ["--config", str(file)])
     assert parsed.lr == 0.001 and isinstance(parsed.lr, float) and parsed.base_lr == 2e-4
 
 
@@ -59,7 +60,7 @@ def test_bad_values_from_a_file_name_the_key(tmp_path, text, key):
     file = tmp_path / "bad.yaml"
     file.write_text(text + "\n")
     with pytest.raises(UsageError) as caught:
-        parse_config(["--config", str(file)])
+        parse_args(TrainConfig, ["--config", str(file)])
     assert key in str(caught.value)
 
 
@@ -98,13 +99,13 @@ def test_print_config_round_trips(capsys, tmp_path):
     printed = capsys.readouterr().out
     file = tmp_path / "printed.yaml"
     file.write_text(printed)
-    assert parse_config(["--config", str(file)]) == parse_config(argv)
+    assert parse_args(TrainConfig, ["--config", str(file)]) == parse_args(TrainConfig, argv)
     assert yaml.safe_load(printed)["img-size"] == [384, 224]
 
 
 def test_every_field_is_a_flag():
     from pvt_lightning.cli.config import build_parser
 
-    options = {o for action in build_parser()._actions for o in action.option_strings}
-    for name in RunConfig.__dataclass_fields__:
+    options = {o for action in build_parser(TrainConfig)._actions for o in action.option_strings}
+    for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in options

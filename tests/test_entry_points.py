@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from pvt_lightning.cli.main import main
-from pvt_lightning.cli.config import parse_config
+from pvt_lightning.cli.config import parse_args
+from pvt_lightning.cli.options import TrainConfig
 from pvt_lightning.runs.rundir import RunPaths, claim_version, release_version_env
 
 TINY = ["--variant", "b0", "--img-size", "32", "32", "--num-workers", "0", "--precision", "32",
@@ -35,17 +36,22 @@ def trainer_for(argv: list[str], tmp_path: Path):
     """The Trainer train() would build for ``argv`` (nothing is fitted)."""
     from pvt_lightning.cli.assemble import make_trainer
 
-    config = parse_config(argv)
+    config = parse_args(TrainConfig, argv)
     return config, make_trainer(config, RunPaths(tmp_path / "runs" / "x" / "version_0"), [])
 
 
 def test_lr_scales_with_accumulation_and_world_size(tmp_path):
-    from pvt_lightning.cli.train import scaled_lr
+    from pvt_lightning.cli.train import total_batch
+    from pvt_lightning.training.optim import scaled_lr
+
+    def lr_for(argv: list[str]) -> float:
+        config, trainer = trainer_for(argv, tmp_path)
+        return scaled_lr(total_batch(config, trainer), config.base_lr)
 
     base = ["--accelerator", "cpu", "--base-lr", "5e-4", "--logdir", str(tmp_path)]
-    lr_32 = scaled_lr(*trainer_for([*base, "--batch-size", "32"], tmp_path))
-    lr_16x2 = scaled_lr(*trainer_for([*base, "--batch-size", "16", "--accumulate-grad-batches", "2"], tmp_path))
-    lr_ddp = scaled_lr(*trainer_for([*base, "--batch-size", "32", "--devices", "2", "--strategy", "ddp"], tmp_path))
+    lr_32 = lr_for([*base, "--batch-size", "32"])
+    lr_16x2 = lr_for([*base, "--batch-size", "16", "--accumulate-grad-batches", "2"])
+    lr_ddp = lr_for([*base, "--batch-size", "32", "--devices", "2", "--strategy", "ddp"])
     assert lr_32 == pytest.approx(5e-4 * 32 / 512)
     assert lr_16x2 == pytest.approx(lr_32)
     assert lr_ddp == pytest.approx(2 * lr_32)
@@ -139,7 +145,7 @@ def test_slurm_requeue_reuses_the_jobs_version_folder(tmp_path, monkeypatch):
     """A requeued SLURM job reruns the same command: it must find its hpc_ckpt in the same run folder."""
     from pvt_lightning.runs.rundir import open_run
 
-    config = parse_config(["--logdir", str(tmp_path), "--name", "job", "--img-size", "32", "32"])
+    config = parse_args(TrainConfig, ["--logdir", str(tmp_path), "--name", "job", "--img-size", "32", "32"])
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     first = open_run(config).run_dir
     release_version_env()

@@ -1,10 +1,11 @@
-"""Building a run's parts from a RunConfig: data module, callbacks, logger and Trainer.
+"""Building a job's parts from its configuration: data module, callbacks, logger and Trainer.
 
 Shared by the training and inference entry points, so a flag means the same thing in both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -14,7 +15,10 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from pvt_lightning.cli.config import RunConfig, parse_devices
+from pvt_lightning.cli.config import parse_devices
+from pvt_lightning.data.datamodule import default_num_workers
+from pvt_lightning.models.registry import Preprocessing
+from pvt_lightning.cli.options import TrainConfig
 from pvt_lightning.errors import UsageError
 from pvt_lightning.runs.rundir import RunPaths
 
@@ -23,15 +27,16 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def make_datamodule(config: RunConfig, data_dir: Path, augment: str | None = None, **overrides: Any):
+def make_datamodule(config: Any, data_dir: Path, **overrides: Any):
+    """The one way a job builds its data module: from the option groups its configuration has."""
     from pvt_lightning.data import ImageFolderDataModule
 
-    return ImageFolderDataModule(
-        data_dir, img_size=tuple(config.img_size), batch_size=config.batch_size, num_workers=config.num_workers,
-        val_split=config.val_split, seed=config.seed, augment=augment or config.augment or "basic",
-        crop_pct=config.crop_pct, bad_images=config.bad_images, verify_images=config.verify_images,
-        max_image_pixels=config.max_image_pixels, augment_device=config.augment_device, **overrides,
-    )
+    options = {"img_size": tuple(config.img_size), "batch_size": config.batch_size,
+               "num_workers": config.num_workers, "crop_pct": config.crop_pct, "bad_images": config.bad_images,
+               "max_image_pixels": config.max_image_pixels, "augment": getattr(config, "augment", None) or "basic"}
+    optional = ("val_split", "seed", "verify_images", "augment_device")
+    options.update({name: getattr(config, name) for name in optional if hasattr(config, name)})
+    return ImageFolderDataModule(data_dir, **{**options, **overrides})
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -50,13 +55,13 @@ def checkpoint_filename(monitor: str) -> str:
     return f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
-def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -> tuple[list[L.Callback], Any]:
+def make_callbacks(config: TrainConfig, paths: RunPaths, class_names: list[str]) -> tuple[list[L.Callback], Any]:
     """The run's callbacks and its ModelCheckpoint (best by --monitor, plus last.ckpt)."""
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 
     from pvt_lightning.training.callbacks import default_callbacks
-    from pvt_lightning.training.throughput import FlopsUtilization
-    from pvt_lightning.training.reliability import LastCheckpointSaver, StopOnNonFiniteLoss
+    from pvt_lightning.training.callbacks.safety import LastCheckpointSaver, StopOnNonFiniteLoss
+    from pvt_lightning.training.callbacks.throughput import FlopsUtilization
 
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints, filename=checkpoint_filename(config.monitor), auto_insert_metric_name=False,
@@ -73,7 +78,7 @@ def make_callbacks(config: RunConfig, paths: RunPaths, class_names: list[str]) -
     return callbacks, checkpoint
 
 
-def make_logger(config: RunConfig, paths: RunPaths):
+def make_logger(config: TrainConfig, paths: RunPaths):
     """TensorBoard (default) or CSV, writing into the run's version folder."""
     where = {"save_dir": str(paths.run_dir.parent.parent), "name": paths.name, "version": paths.version}
     if config.logger == "csv":
@@ -89,7 +94,7 @@ class RunCsvLogger(CSVLogger):
         """Nothing to do: hparams.yaml holds the configuration, every checkpoint the module's hyper-parameters."""
 
 
-def make_trainer(config: RunConfig, paths: RunPaths, callbacks: list[L.Callback]) -> L.Trainer:
+def make_trainer(config: TrainConfig, paths: RunPaths, callbacks: list[L.Callback]) -> L.Trainer:
     """The Trainer for a fit; a device or strategy Lightning cannot provide is a usage error, not a traceback."""
     from pvt_lightning.runs.checkpoint_io import AtomicCheckpointIO
 
@@ -107,10 +112,29 @@ def make_trainer(config: RunConfig, paths: RunPaths, callbacks: list[L.Callback]
     )
 
 
-def checked_trainer(config: RunConfig, **kwargs: Any) -> L.Trainer:
+def checked_trainer(config: TrainConfig, **kwargs: Any) -> L.Trainer:
     """``L.Trainer(**kwargs)``; a device, strategy or precision Lightning cannot provide is a usage error."""
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
         raise UsageError(f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
                          f"{config.strategy} --precision {config.precision}: {err}") from None
+
+
+def inference_trainer(config: Any, **kwargs: Any) -> L.Trainer:
+    """The Trainer evaluate and predict run ``trainer.predict`` with: no logger, the hardware options."""
+    settings = {"accelerator": config.accelerator, "devices": parse_devices(config.devices), "logger": False,
+                "precision": resolve_precision(config.precision, config.accelerator), "num_nodes": config.num_nodes,
+                "strategy": config.strategy, **kwargs}
+    return checked_trainer(config, **settings)
+
+
+def with_checkpoint_preprocessing(config: Any, module: Any) -> tuple[Any, Preprocessing]:
+    """The model's own preprocessing (saved in its checkpoint or export), with ``--img-size`` / ``--crop-pct``
+    overriding it where given; loader workers from the CPU count where unset."""
+    preprocessing = Preprocessing.from_dict(dict(module.hparams)).replace(img_size=config.img_size,
+                                                                          crop_pct=config.crop_pct)
+    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    config = dataclasses.replace(config, img_size=list(preprocessing.img_size), crop_pct=preprocessing.crop_pct,
+                                 num_workers=workers)
+    return config, preprocessing

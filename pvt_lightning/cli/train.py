@@ -1,4 +1,4 @@
-"""Training entry point: a resolved RunConfig -> data, model, callbacks, Trainer -> fit -> summary.json.
+"""``pvt-lightning train``: a resolved TrainConfig -> data, model, callbacks, Trainer -> fit -> summary.json.
 
 Order matters: the data is scanned first (the recipe depends on its size, and every data error
 should come before any model is built), the Trainer before the module (the learning rate is
@@ -14,17 +14,22 @@ from pathlib import Path
 
 import lightning as L
 
-from pvt_lightning.cli.config import RunConfig, default_num_workers
+from pvt_lightning.cli.config import to_yaml
+from pvt_lightning.cli.options import TrainConfig
+from pvt_lightning.data.datamodule import default_num_workers
+from pvt_lightning.models.registry import variant_spec
 from pvt_lightning.errors import UsageError
 from pvt_lightning.training.recipes import RECIPE_FIELDS, Recipe, choose_recipe
 from pvt_lightning.cli.assemble import make_callbacks, make_datamodule, make_trainer, resolve_precision, say
-from pvt_lightning.runs.rundir import RunPaths, build_summary, open_run, release_version_env, remove_if_empty_run, write_hparams, \
+from pvt_lightning.runs.rundir import RunPaths, open_run, release_version_env, remove_if_empty_run, write_hparams, \
     write_summary
+from pvt_lightning.training.optim import scaled_lr
 
 Trainer = L.Trainer
+CONFIG = TrainConfig
 
 
-def train(config: RunConfig) -> int:
+def train(config: TrainConfig) -> int:
     """Fit a classifier as ``config`` says; returns the exit status (0)."""
     data_dir, demo = data_source(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -41,7 +46,7 @@ def train(config: RunConfig) -> int:
     try:
         callbacks, checkpoint = make_callbacks(config, paths, datamodule.class_names)
         trainer = make_trainer(config, paths, callbacks)
-        config = dataclasses.replace(config, lr=config.lr or scaled_lr(config, trainer))
+        config = dataclasses.replace(config, lr=config.lr or scaled_lr(total_batch(config, trainer), config.base_lr))
         module = make_module(config, datamodule)
     except BaseException:
         remove_if_empty_run(paths.run_dir)
@@ -52,7 +57,7 @@ def train(config: RunConfig) -> int:
 
         compile_regions(module.model)
     if trainer.is_global_zero:
-        write_hparams(paths, config)
+        write_hparams(paths, to_yaml(config))
         say(banner(config, recipe, module, complexity, datamodule, trainer, paths))
 
     started = time.perf_counter()
@@ -62,6 +67,8 @@ def train(config: RunConfig) -> int:
         release_version_env()
     if not trainer.is_global_zero:
         return 0
+    from pvt_lightning.training.summary import build_summary
+
     summary = build_summary(trainer, module, datamodule, checkpoint, complexity, config, recipe)
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     summary.update(class_balance(config, datamodule, module))
@@ -72,7 +79,7 @@ def train(config: RunConfig) -> int:
     return 0
 
 
-def fit(trainer: Trainer, module, datamodule, config: RunConfig, paths: RunPaths) -> None:
+def fit(trainer: Trainer, module, datamodule, config: TrainConfig, paths: RunPaths) -> None:
     from pvt_lightning.training.reliability import explain_stops
 
     try:
@@ -94,7 +101,7 @@ def note_failed_start(paths: RunPaths, err: BaseException) -> None:
                overwrite=True)
 
 
-def data_source(config: RunConfig) -> tuple[Path, bool]:
+def data_source(config: TrainConfig) -> tuple[Path, bool]:
     """``--data``, or the built-in demo dataset (generated once) when it is omitted."""
     if config.data is not None:
         return Path(config.data).expanduser(), False
@@ -107,18 +114,21 @@ def data_source(config: RunConfig) -> tuple[Path, bool]:
     return data_dir, True
 
 
-def resolve_data_defaults(config: RunConfig, data_dir: Path, demo: bool) -> RunConfig:
-    """Absolute --data, input size (the demo's own, else 224x224), loader workers and precision, where unset."""
+def resolve_data_defaults(config: TrainConfig, data_dir: Path, demo: bool) -> TrainConfig:
+    """Absolute --data, preprocessing (the demo's own size, else the variant's record), loader workers and
+    precision, where unset."""
     from pvt_lightning.data.demo import DEMO_IMG_SIZE
 
-    img_size = config.img_size or list(DEMO_IMG_SIZE if demo else (224, 224))
+    preprocessing = variant_spec(config.variant).preprocessing(config.img_size or (DEMO_IMG_SIZE if demo else None),
+                                                               config.crop_pct)
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
     return dataclasses.replace(config, data=None if demo else str(data_dir.resolve()),
-                               img_size=[int(s) for s in img_size], num_workers=workers,
+                               img_size=list(preprocessing.img_size), crop_pct=preprocessing.crop_pct,
+                               num_workers=workers,
                                precision=resolve_precision(config.precision, config.accelerator))
 
 
-def resolve_recipe(config: RunConfig, num_train_images: int, demo: bool) -> tuple[RunConfig, Recipe]:
+def resolve_recipe(config: TrainConfig, num_train_images: int, demo: bool) -> tuple[TrainConfig, Recipe]:
     """Fill every recipe field the user left unset from the recipe (then the variant's own defaults)."""
     from pvt_lightning.models.registry import DEFAULT_DROP_PATH, DEFAULT_GRAD_CLIP
 
@@ -132,7 +142,7 @@ def resolve_recipe(config: RunConfig, num_train_images: int, demo: bool) -> tupl
     return dataclasses.replace(config, **recipe.resolve(vars(config), variant_defaults)), recipe
 
 
-def check_class_options(config: RunConfig, class_names: list[str]) -> None:
+def check_class_options(config: TrainConfig, class_names: list[str]) -> None:
     """--positive-class and a per-class --monitor must name a class of the data."""
     if config.positive_class is not None and config.positive_class not in class_names:
         raise UsageError(f"--positive-class {config.positive_class!r} is not a class of the data; choose one of: "
@@ -143,9 +153,9 @@ def check_class_options(config: RunConfig, class_names: list[str]) -> None:
                          f"{', '.join(class_names)}")
 
 
-def check_resume(config: RunConfig, class_names: list[str]) -> None:
+def check_resume(config: TrainConfig, class_names: list[str]) -> None:
     """``--resume`` only continues the same run: same model, input size and classes (else use --pretrained)."""
-    from pvt_lightning.models.weights import check_resume_compatible, inspect_checkpoint
+    from pvt_lightning.runs.checkpoint_info import check_resume_compatible, inspect_checkpoint
     from pvt_lightning.runs.rundir import resume_checkpoint
 
     checkpoint = resume_checkpoint(config)
@@ -154,33 +164,24 @@ def check_resume(config: RunConfig, class_names: list[str]) -> None:
                                 config.linear_sra)
 
 
-def scaled_lr(config: RunConfig, trainer: Trainer) -> float:
-    """``base_lr`` x total batch / 512, the total batch counted over every device, node and accumulation step."""
-    return config.base_lr * total_batch(config, trainer) / 512
-
-
-def total_batch(config: RunConfig, trainer: Trainer) -> int:
+def total_batch(config: TrainConfig, trainer: Trainer) -> int:
+    """Images per optimizer step over every device, node and accumulation step (``scaled_lr``'s total batch)."""
     return config.batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
-def make_module(config: RunConfig, datamodule):
+def make_module(config: TrainConfig, datamodule):
     from pvt_lightning.data.sampling import class_counts, resolve_class_weights
     from pvt_lightning.training.module import ImageClassifier
 
     train_counts = class_counts(datamodule.samples("train"), datamodule.num_classes)
-    return ImageClassifier(
-        config.variant, num_classes=datamodule.num_classes, class_names=datamodule.class_names,
-        img_size=config.img_size, lr=config.lr, weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs, drop_path=config.drop_path, label_smoothing=config.label_smoothing,
-        mixup=config.mixup, cutmix=config.cutmix, linear_sra=config.linear_sra, pretrained=config.pretrained,
-        grad_checkpointing=config.grad_checkpointing, layer_decay=config.layer_decay,
-        head_lr_scale=config.head_lr_scale, freeze_backbone_epochs=config.freeze_backbone_epochs,
+    # Every option named like a constructor parameter (variant, img_size, crop_pct, lr, ...) passes through.
+    return ImageClassifier.from_options(
+        config, num_classes=datamodule.num_classes, class_names=datamodule.class_names,
         class_weights=resolve_class_weights(config.class_weights, datamodule.class_names, train_counts),
-        loss=config.loss, focal_gamma=config.focal_gamma,
     )
 
 
-def class_balance(config: RunConfig, datamodule, module) -> dict:
+def class_balance(config: TrainConfig, datamodule, module) -> dict:
     """summary.json's ``class_counts``, ``imbalance_ratio`` and ``imbalance_handling`` (data/sampling.py)."""
     from pvt_lightning.data.sampling import imbalance_summary
 
@@ -191,7 +192,7 @@ def class_balance(config: RunConfig, datamodule, module) -> dict:
     return imbalance_summary(datamodule.class_names, splits, module.hparams.class_weights, handling)
 
 
-def banner(config: RunConfig, recipe: Recipe, module, complexity, datamodule, trainer: Trainer,
+def banner(config: TrainConfig, recipe: Recipe, module, complexity, datamodule, trainer: Trainer,
            paths: RunPaths) -> str:
     """What is about to run, with the recipe, why it was chosen and every value it resolved to."""
     h, w = config.img_size
@@ -218,3 +219,6 @@ def final_line(paths: RunPaths, summary: dict) -> str:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+run = train

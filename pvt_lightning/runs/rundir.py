@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from pvt_lightning.cli.config import RunConfig
 from pvt_lightning.errors import OutputExistsError, UsageError
 
 VERSION = re.compile(r"version_(\d+)")
@@ -188,7 +187,7 @@ class RunPaths:
         return self.run_dir / "checkpoints"
 
 
-def default_run_name(config: RunConfig) -> str:
+def default_run_name(config: Any) -> str:
     """e.g. b2_li_384x224, b2_li_224x224 (b2 with linear SRA forced on), b2_noli_..., resnet50_384x224."""
     from pvt_lightning.models.registry import PVT_V2_CONFIGS, is_pvt_v2
 
@@ -201,18 +200,18 @@ def default_run_name(config: RunConfig) -> str:
     return f"{name}_{config.img_size[0]}x{config.img_size[1]}"
 
 
-def run_root_of(config: RunConfig) -> Path:
+def run_root_of(config: Any) -> Path:
     return Path(config.logdir).expanduser() / (config.name or default_run_name(config))
 
 
-def resume_checkpoint(config: RunConfig) -> Path | None:
+def resume_checkpoint(config: Any) -> Path | None:
     """The checkpoint ``--resume`` names: a path, or ``last`` = the newest last.ckpt of the run --name."""
     if config.resume is None:
         return None
     return find_last_checkpoint(run_root_of(config)) if config.resume == "last" else Path(config.resume).expanduser()
 
 
-def open_run(config: RunConfig) -> RunPaths:
+def open_run(config: Any) -> RunPaths:
     """The run's version folder: the one a resumed checkpoint lives in, else a newly claimed one."""
     run_root = run_root_of(config)
     resume_from = resume_checkpoint(config)
@@ -225,39 +224,11 @@ def open_run(config: RunConfig) -> RunPaths:
     return RunPaths(folder, resume_from)
 
 
-def write_hparams(paths: RunPaths, config: RunConfig) -> None:
-    """``hparams.yaml``: the fully resolved configuration; ``--config hparams.yaml`` reruns it."""
-    from pvt_lightning.cli.config import to_yaml
-
-    write_file(paths.run_dir / "hparams.yaml", to_yaml(config), overwrite=paths.resume_from is not None)
+def write_hparams(paths: RunPaths, config_yaml: str) -> None:
+    """``hparams.yaml``: the fully resolved configuration as YAML; ``--config hparams.yaml`` reruns it."""
+    write_file(paths.run_dir / "hparams.yaml", config_yaml, overwrite=paths.resume_from is not None)
 
 
 def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
     write_file(paths.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", overwrite=True)
 
-
-def build_summary(trainer, module, datamodule, checkpoint, complexity, config: RunConfig, recipe) -> dict[str, Any]:
-    """summary.json: the run's final figures (field names are a contract other tools read)."""
-    from pvt_lightning.training.callbacks import run_figures
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k in ("val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "val/loss")}
-    best_path = checkpoint.best_model_path or None
-    best_epoch = int(m.group(1)) if best_path and (m := re.search(r"best-epoch(\d+)", best_path)) else None
-    best_score = None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)
-    best = {"epoch": best_epoch, "metric": config.monitor, "mode": config.monitor_mode, "value": best_score}
-    if config.monitor == "val/acc":
-        best["val/acc"] = best_score
-    return {
-        "variant": config.variant, "linear_sra": module.linear_sra_enabled, "img_size": list(config.img_size),
-        "num_classes": datamodule.num_classes, "class_names": list(datamodule.class_names),
-        "params_m": round(complexity.params_m, 3), "gmacs": round(complexity.gmacs, 3),
-        "attention_gmacs": round(complexity.attention_gmacs, 3),
-        "epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics, "best": best,
-        **run_figures(trainer),
-        "bad_images": len(datamodule.bad_image_paths()),
-        "checkpoints": {"best": best_path, "last": checkpoint.last_model_path or None},
-        "precision": str(trainer.precision), "batch_size": config.batch_size, "world_size": trainer.world_size,
-        "accumulate_grad_batches": config.accumulate_grad_batches, "lr": config.lr,
-        "recipe": recipe.name, "positive_class": config.positive_class,
-    }

@@ -1,0 +1,86 @@
+"""``pvt-lightning evaluate``: a checkpoint on one split of labelled data -> report, per-class CSV, plots,
+calibration and operating point, in the checkpoint's own preprocessing unless flags override it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pvt_lightning.cli.assemble import inference_trainer, make_datamodule, say, with_checkpoint_preprocessing
+from pvt_lightning.cli.config import require
+from pvt_lightning.cli.options import EvaluateConfig
+from pvt_lightning.data.demo import ensure_demo_dataset
+from pvt_lightning.errors import DataError, UsageError
+from pvt_lightning.evaluation.collect import LogitCollector, gather_predictions
+from pvt_lightning.evaluation.operating_point import OperatingPoint
+from pvt_lightning.evaluation.report import (check_outputs, evaluation_file_names, evaluation_files, headline_metrics,
+                                             summary_lines, write_outputs)
+from pvt_lightning.export.runtime import load_classifier
+from pvt_lightning.runs.rundir import check_output, version_dir_of, write_file
+
+CONFIG = EvaluateConfig
+
+
+def evaluate(config: EvaluateConfig) -> int:
+    """``evaluate --checkpoint CKPT``: logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
+    predictions, plots and (with a target) ``operating_point.json`` in ``--output-dir``; ``--output`` also gets
+    the macro figures as JSON under the tags training logs (``val/acc``...)."""
+
+    require(config, "checkpoint", command="evaluate")
+    checkpoint = Path(config.checkpoint).expanduser()
+    targeted = config.target_precision is not None or config.target_recall is not None
+    output_dir = check_outputs(config.output_dir or default_evaluation_dir(checkpoint, config.split),
+                               evaluation_file_names(targeted), config.overwrite)
+    output = check_output(config.output, config.overwrite) if config.output else None
+    module = load_classifier(checkpoint)
+    config, preprocessing = with_checkpoint_preprocessing(config, module)
+    data_dir = data_folder(config)
+    class_names = list(module.hparams.class_names)
+    point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
+    # test/ is a folder of its own; val may be a held-out fraction of one folder, which predict_dataloader covers.
+    datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
+                                 predict_dir=data_dir / "test" if config.split == "test" else None)
+    labels = dict(datamodule.samples(config.split))
+    if list(datamodule.class_names) != class_names:
+        raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
+                         f"{list(datamodule.class_names)}")
+    trainer = inference_trainer(config, devices=1, limit_predict_batches=config.limit_val_batches)
+    outputs = trainer.predict(LogitCollector(module, config.tta), datamodule=datamodule)
+    logits, paths = gather_predictions(outputs, len(class_names))
+    keep = [i for i, path in enumerate(paths) if path in labels]  # files outside the class folders have no class
+    if not keep:
+        raise DataError(f"no readable image of the {config.split} split of {data_dir} was evaluated")
+    paths = [paths[i] for i in keep]
+    targets = torch.tensor([labels[path] for path in paths])
+    skipped = sorted(set(datamodule.bad_image_paths()) & set(labels))
+    extra = {"data": str(data_dir), "tta": config.tta, "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
+    report, files = evaluation_files(logits[keep], targets, paths, class_names, calibrate=config.calibrate,
+                                     target_precision=config.target_precision, target_recall=config.target_recall,
+                                     operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra)
+    write_outputs(output_dir, files, config.overwrite)
+    if output is not None:
+        write_file(output, json.dumps(headline_metrics(report), indent=2) + "\n", overwrite=config.overwrite)
+    for line in summary_lines(report):
+        say(line)
+    say(f"Wrote {', '.join(files)} to {output_dir}" + (f" ({len(skipped)} unreadable images skipped)" if skipped
+                                                      else ""))
+    if targeted:
+        say(f"Apply it: pvt-lightning predict --input DIR --checkpoint {checkpoint} --operating-point "
+            f"{output_dir / 'operating_point.json'}")
+    return 0
+
+
+def default_evaluation_dir(checkpoint: Path, split: str) -> Path:
+    """``eval_<split>_<checkpoint name>`` in the checkpoint's run folder (next to the checkpoint elsewhere)."""
+    return (version_dir_of(checkpoint) or checkpoint.parent) / f"eval_{split}_{checkpoint.stem}"
+
+
+def data_folder(config: EvaluateConfig) -> Path:
+    if config.data:
+        return Path(config.data).expanduser()
+    return ensure_demo_dataset()
+
+
+run = evaluate
