@@ -33,8 +33,8 @@ from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_size
 from pvt_lightning.errors import PATH_ERRORS
 from pvt_lightning.models import create_model
 from pvt_lightning.errors import CheckpointError
-from pvt_lightning.models.weights import (SAFETENSORS, STATE_DICT, TRAINING, check_resume_compatible,
-                                              inspect_checkpoint)
+from pvt_lightning.runs.checkpoint_info import (SAFETENSORS, STATE_DICT, TRAINING, check_resume_compatible,
+                                                inspect_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRUPT = b"\xff\xd8\xff\xe0 a JPEG cut short"

@@ -99,7 +99,7 @@ def test_finetune_recipe_puts_the_stem_at_a_tenth_of_the_head(variant):
 # --- --pretrained in every layout ------------------------------------------------------------------------
 
 def timm_to_ours(state):
-    """timm -> our keys, written here independently of models/checkpoints.py."""
+    """timm -> our keys, written here independently of models/weights.py."""
     out = {}
     for key, value in state.items():
         key = re.sub(r"^patch_embed\.", "stages.0.patch_embed.", key)

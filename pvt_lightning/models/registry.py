@@ -18,6 +18,7 @@ from torch import nn
 from pvt_lightning.models.features import FeatureBackbone
 from pvt_lightning.models.pvt_v2 import PvtV2Config, PyramidVisionTransformerV2
 from pvt_lightning.models.resnet import ResNetClassifier
+from pvt_lightning.models.weights import load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -215,8 +216,6 @@ def create_model(
     model = spec.build(spec.arch, num_classes, linear_sra=linear_sra, drop_path_rate=drop_path_rate, **overrides)
     model.pretrained_cfg = spec.pretrained_cfg()
     if pretrained is not None:
-        from pvt_lightning.models.weights import load_pretrained
-
         load_pretrained(model, pretrained)
     if features_only:
         return FeatureBackbone(model, out_indices)

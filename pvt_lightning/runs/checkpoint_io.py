@@ -17,8 +17,9 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from pvt_lightning.models.weights import describe_checkpoint, read_state_dict_file
 from pvt_lightning.errors import CheckpointError, CheckpointSaveError
+from pvt_lightning.models.weights import read_state_dict_file
+from pvt_lightning.runs.checkpoint_info import describe_checkpoint
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

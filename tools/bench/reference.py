@@ -35,7 +35,7 @@ def build_model(name: str, impl: str = "ours", num_classes: int = 1000) -> nn.Mo
 
 
 def ours_to_timm(state: dict) -> dict:
-    """Our PVTv2 keys -> timm's (the inverse of ``models.checkpoints.timm_to_ours``; docs/checkpoints.md)."""
+    """Our PVTv2 keys -> timm's (the inverse of ``models.weights.timm_to_ours``; docs/checkpoints.md)."""
     return {re.sub(r"^stages\.0\.patch_embed\.", "patch_embed.",
                    re.sub(r"^stages\.([123])\.patch_embed\.", r"stages.\1.downsample.", k)): v
             for k, v in state.items()}
