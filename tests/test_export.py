@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pvt_lightning.export.exporting import EXTRA_HINT, ExportMetadata, export_model, load_exported, main, read_metadata, verify_exported
 from pvt_lightning.errors import ExportError, MissingExportDependency, ParityError
 from pvt_lightning.models import VARIANTS, create_model
-from pvt_lightning.models.pvt_v2 import pool_matrix
+from pvt_lightning.models.attention import pool_matrix
 from pvt_lightning.errors import OutputExistsError
 
 SIZES = [(224, 224), (384, 224), (512, 320)]

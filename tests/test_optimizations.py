@@ -1,5 +1,6 @@
-"""The speed work in pvt_v2.py keeps the numerics: same logits as timm and as the autograd path,
-same gradients with grad checkpointing, and the pooling fast path equals adaptive average pooling."""
+"""The speed work in models/ (pvt_v2.py, attention.py, tokens.py) keeps the numerics: same logits as timm and
+as the autograd path, same gradients with grad checkpointing, and the pooling fast path equals adaptive average
+pooling."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 
 from pvt_lightning import create_model
 from tools.bench.reference import reference_with_same_weights
-from pvt_lightning.models.pvt_v2 import pool_tokens, pool_tokens_by_matmul, tokens_to_map
+from pvt_lightning.models.attention import pool_tokens, pool_tokens_by_matmul
+from pvt_lightning.models.tokens import tokens_to_map
 
 timm = pytest.importorskip("timm")
 

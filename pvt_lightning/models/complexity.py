@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pvt_lightning.models.pvt_v2 import LINEAR_SRA_POOL, SpatialReductionAttention
+from pvt_lightning.models.attention import LINEAR_SRA_POOL, SpatialReductionAttention
 
 
 @dataclass(frozen=True)
