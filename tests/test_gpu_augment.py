@@ -1,4 +1,4 @@
-"""The device-side training augmentation (data/gpu_augment.py), on CPU tensors: the same random laws and the same
+"""The device-side training augmentation (data/gpu_augment/), on CPU tensors: the same random laws and the same
 pixels as the albumentations pipeline the CPU path runs, and a real Trainer fit through it."""
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch  # noqa: E402
 from scipy.stats import ks_2samp  # noqa: E402
 
 from pvt_lightning.data import ImageFolderDataModule  # noqa: E402
-from pvt_lightning.data.datamodule import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pvt_lightning.data.gpu_augment import (  # noqa: E402
     DeviceAugment,
     DevicePolicy,
@@ -29,6 +28,7 @@ from pvt_lightning.data.gpu_augment import (  # noqa: E402
     sample_crop_boxes,
 )
 from pvt_lightning.data.transforms import train_transform  # noqa: E402
+from pvt_lightning.models.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 KS_LIMIT = 0.05
 """Largest two-sample KS distance accepted between 4000 of our draws and 4000 of albumentations' (the 0.1%

@@ -24,15 +24,14 @@ from pvt_lightning.data.gpu_augment import AUGMENT_DEVICES, DeviceAugment, Shrin
     resolve_augment_device
 from pvt_lightning.data.sampling import SAMPLERS, ClassBalancedSampler
 from pvt_lightning.data.transforms import eval_transform, resize_target, train_transform
+from pvt_lightning.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("pvt_lightning.data")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def default_num_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    """Data-loader workers per device when none are asked for: min(8, CPUs)."""
+    return min(8, os.cpu_count() or 1)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -78,7 +77,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         bad_images_file: str | Path | None = None,
         augment_device: str = "auto",
     ) -> None:
-        """See the class docstring; ``num_workers`` defaults to min(4, CPUs), ``pin_memory`` to CUDA availability,
+        """See the class docstring; ``num_workers`` defaults to min(8, CPUs), ``pin_memory`` to CUDA availability,
         ``crop_scale`` is RandomResizedCrop's area range, ``predict_dir`` a folder (flat or nested) to predict,
         ``max_image_pixels`` the pixel budget per image, checked from each file's header (0 or None: no limit)."""
         super().__init__()
