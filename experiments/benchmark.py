@@ -234,7 +234,8 @@ def run_models(args: argparse.Namespace, peak_flops: float, save=lambda rows: No
 def onnx_export_for(variant: str, model: torch.nn.Module, folder: Path) -> tuple[Path, float | None]:
     """``folder/<variant>.onnx``, a dynamic export of ``model`` (reused if a dynamic export of it is there);
     with the export time in seconds, None when reused."""
-    from pvt_lightning.export.exporting import export_model, read_metadata
+    from pvt_lightning.export.metadata import read_metadata
+    from pvt_lightning.export.trace import export_model
 
     path = folder / f"{variant}.onnx"
     if path.is_file():
@@ -250,7 +251,7 @@ def run_onnx(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
     """One row per variant, size and batch: onnxruntime and eager images/s, interleaved, and their ratio."""
     import tempfile
 
-    from pvt_lightning.export.exporting import OnnxClassifier
+    from pvt_lightning.export.runtime import OnnxClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.onnx_dir or Path(tmp)
@@ -447,7 +448,7 @@ def machine_line(args: argparse.Namespace, peak_flops: float | None) -> str:
 
 
 def onnxruntime_version() -> str:
-    from pvt_lightning.export.exporting import require
+    from pvt_lightning.export.optional import require
 
     return require("onnxruntime").__version__
 

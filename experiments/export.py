@@ -5,7 +5,7 @@
         --output b2_li.onnx --dynamic
     python experiments/export.py --variant b0 --num-classes 10 --format exported-program --output b0.pt2
 
-See ``pvt_lightning/export.py`` (and --help) for the options; errors print one line and exit 2.
+See ``pvt_lightning/cli/export.py`` (and --help) for the options; errors print one line and exit 2.
 """
 
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pvt_lightning.export.exporting import main  # noqa: E402
+from pvt_lightning.cli.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

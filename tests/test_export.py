@@ -16,7 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pvt_lightning.export.exporting import EXTRA_HINT, ExportMetadata, export_model, load_exported, main, read_metadata, verify_exported
+from pvt_lightning.cli.export import main
+from pvt_lightning.export.metadata import ExportMetadata, read_metadata
+from pvt_lightning.export.optional import EXTRA_HINT
+from pvt_lightning.export.parity import verify_exported
+from pvt_lightning.export.runtime import load_exported
+from pvt_lightning.export.trace import export_checkpoint, export_model
 from pvt_lightning.errors import ExportError, MissingExportDependency, ParityError
 from pvt_lightning.models import VARIANTS, create_model
 from pvt_lightning.models.attention import pool_matrix
@@ -206,6 +211,33 @@ def test_cli_exports_a_variant(tmp_path, capsys):
     assert (meta.variant, meta.num_classes, meta.dynamic_batch, meta.dynamic_size) == ("b0", 4, True, False)
 
 
+# --- a checkpoint's own preprocessing ----------------------------------------------------------------------------
+
+def test_checkpoint_exports_its_own_preprocessing(tmp_path):
+    """A checkpoint's crop, mean/std and input size go into the file (--crop-pct overrides the crop: the slow CLI
+    test below)."""
+    import lightning as L
+    from conftest import make_image_folder
+
+    from pvt_lightning.data import ImageFolderDataModule
+    from pvt_lightning.training.module import ImageClassifier
+
+    data = make_image_folder(tmp_path / "data", classes=("blue", "green", "red"), per_class=2, size=(40, 36))
+    preprocessing = dict(img_size=(32, 32), crop_pct=0.95, mean=(0.5, 0.45, 0.4), std=(0.2, 0.25, 0.3))
+    torch.manual_seed(0)
+    module = ImageClassifier(variant="b0", num_classes=3, class_names=["blue", "green", "red"], **preprocessing)
+    datamodule = ImageFolderDataModule(data, batch_size=3, num_workers=0, **preprocessing)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)
+    checkpoint = tmp_path / "tiny.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    meta = export_checkpoint(checkpoint, tmp_path / "own.pt2").metadata
+    assert (meta.crop_pct, meta.mean, meta.std, meta.img_size) == (0.95, (0.5, 0.45, 0.4), (0.2, 0.25, 0.3), (32, 32))
+    assert read_metadata(tmp_path / "own.pt2") == meta and meta.class_names == ("blue", "green", "red")
+
+
 # --- predict from the export vs the checkpoint ------------------------------------------------------------------
 
 TINY = ["--variant", "b0", "--img-size", "32", "32", "--num-workers", "0", "--precision", "32",
@@ -237,7 +269,6 @@ def read_predictions(path: Path) -> dict[str, tuple[str, float, list[tuple[str, 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
 def test_predict_from_export_equals_predict_from_checkpoint(trained, tmp_path, suffix):
     from pvt_lightning.cli.main import main as run
-    from pvt_lightning.export.exporting import export_checkpoint
 
     checkpoint, data = trained
     exported_file = tmp_path / f"tiny{suffix}"
@@ -278,10 +309,11 @@ def test_cli_exports_a_trained_checkpoint(trained, tmp_path):
     output = tmp_path / "tiny.onnx"
     script = str(ROOT / "experiments" / "export.py")
     done = subprocess.run([sys.executable, script, "--checkpoint", str(checkpoint), "--format", "onnx", "--output",
-                           str(output), "--dynamic"], capture_output=True, text=True, timeout=900)
+                           str(output), "--dynamic", "--crop-pct", "0.8"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "parity vs eager at 192x32 (batch 1)" in done.stdout  # traced 32x32, then two more sizes
-    assert read_metadata(output).class_names == ("blue", "green", "red")
+    meta = read_metadata(output)
+    assert meta.class_names == ("blue", "green", "red") and meta.crop_pct == 0.8  # the flag over the checkpoint's
     again = subprocess.run([sys.executable, script, "--checkpoint", str(checkpoint), "--output", str(output)],
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "Traceback" not in again.stderr

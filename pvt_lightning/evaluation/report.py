@@ -1,4 +1,4 @@
-"""The files ``--evaluate`` writes (report, per-class and prediction CSVs, plots, operating point) and ``--predict``'s rows.
+"""The files ``evaluate`` writes (report, per-class and prediction CSVs, plots, operating point), ``predict``'s rows.
 
 Everything starts from the logits (N, C) of one split, the true classes (N,), the image paths and the
 class names; metrics come from ``evaluation.metrics``, temperature scaling from ``evaluation.calibration``
