@@ -131,7 +131,7 @@ def _choices(schema: type, name: str) -> str:
 
 def validate(config: Any) -> None:
     """Checks that a type alone cannot express, for whichever of these options ``config`` has."""
-    if hasattr(config, "variant"):
+    if getattr(config, "variant", None) is not None:  # export: None with --checkpoint
         try:
             config.variant = canonical_name(str(config.variant))
         except ValueError as err:
@@ -163,7 +163,7 @@ def _checks(config: Any) -> list[tuple[bool, str]]:
          f"--strategy {strategy}: not a Lightning strategy; choose one of: {', '.join(STRATEGIES)}"),
         (monitor.startswith("val/"), f"--monitor {monitor}: choose a validation metric such as val/acc, val/f1, "
                                      "val/loss or val/recall/<class>"),
-        (not hasattr(config, "variant") or is_pvt_v2(config.variant) or not config.linear_sra,
+        (get("variant") is None or is_pvt_v2(config.variant) or not get("linear_sra"),
          "--linear-sra applies to PVTv2 variants, not resnet50"),
         (get("target_precision") is None or get("target_recall") is None,
          "--target-precision and --target-recall choose the same thresholds two ways: give one of them"),
