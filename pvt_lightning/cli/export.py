@@ -8,8 +8,6 @@ Mistakes and failed parity checks print one line and exit 2 (``main``).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +15,9 @@ from typing import Literal, Optional, Sequence, Union
 
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
-from pvt_lightning.cli.config import build_parser, explain, plain, to_yaml
+from pvt_lightning.cli.main import main as pvt_lightning_main
 from pvt_lightning.cli.options import option
-from pvt_lightning.errors import CheckpointError, DataError, ExportError, UsageError
+from pvt_lightning.errors import UsageError
 from pvt_lightning.export.metadata import FORMATS, model_metadata
 from pvt_lightning.export.parity import TOLERANCE
 from pvt_lightning.export.trace import MIN_OPSET, ExportResult, export_checkpoint, export_model
@@ -29,7 +27,7 @@ from pvt_lightning.models.registry import DEFAULT_IMG_SIZE, EVAL_CROP_PCT
 
 @dataclass
 class ExportConfig:
-    """``experiments/export.py``'s options, parsed like the run configuration (flags and ``--config`` YAML)."""
+    """``pvt-lightning export``'s options (also ``experiments/export.py``)."""
 
     checkpoint: Optional[str] = option(None, "our training checkpoint (.ckpt) to export", "export",
                                        metavar="CKPT")
@@ -59,19 +57,11 @@ class ExportConfig:
     overwrite: bool = option(False, "replace --output if it exists", "export")
 
 
-def parse_export_args(argv: Sequence[str] | None = None) -> ExportConfig | None:
-    """Flags (and ``--config`` YAML) -> a checked ExportConfig (None after ``--print-config`` printed it);
-    mistakes raise the configuration's UsageError."""
-    schema = ExportConfig
-    parser = build_parser(schema, prog="experiments/export.py", description=(
-        "Export a pvt-lightning checkpoint or a model variant to ONNX or a torch.export ExportedProgram (.pt2), "
-        "checked against the model before it is written."))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        namespace = parser.parse_args(argv)
-    except argparse.ArgumentError as err:
-        raise UsageError(explain(err, argv)) from None
-    config = schema(**{f.name: plain(namespace[f.name]) for f in dataclasses.fields(schema)})
+CONFIG = ExportConfig
+
+
+def check_export_config(config: ExportConfig) -> None:
+    """What the types cannot say: one source of weights, an output file, flags that go together."""
     if (config.checkpoint is None) == (config.variant is None):
         raise UsageError("give either --checkpoint CKPT (a training checkpoint) or --variant NAME")
     if config.output is None:
@@ -80,12 +70,6 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportConfig | None:
         raise UsageError(f"--checkpoint {config.checkpoint}: no such file")
     if config.pretrained and not config.variant:
         raise UsageError("--pretrained goes with --variant; a --checkpoint carries its own weights")
-    if config.crop_pct is not None and not 0 < config.crop_pct <= 1:
-        raise UsageError("--crop-pct must be in (0, 1]")
-    if namespace["print_config"]:
-        print(to_yaml(config), end="")
-        return None
-    return config
 
 
 def run_export(config) -> ExportResult:
@@ -105,16 +89,10 @@ def run_export(config) -> ExportResult:
     return export_model(model, config.output, img_size=img_size, metadata=metadata, **options)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``experiments/export.py``: mistakes and failed parity checks print one line and exit 2."""
-    try:
-        config = parse_export_args(argv)
-        if config is None:  # --print-config
-            return 0
-        result = run_export(config)
-    except (UsageError, DataError, CheckpointError, ExportError) as err:
-        print(f"export: error: {err}", file=sys.stderr)
-        return 2
+def run(config: ExportConfig) -> int:
+    """``pvt-lightning export``: write the file, check it against the model, say what was written."""
+    check_export_config(config)
+    result = run_export(config)
     meta = result.metadata
     shape = (f"({'batch' if meta.dynamic_batch else meta.batch_size}, 3, "
              + (f"height, width) from {meta.min_input_size}x{meta.min_input_size}" if meta.dynamic_size
@@ -124,3 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for check in result.checks:
         print(f"  parity vs eager at {check}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``experiments/export.py``: the same as ``pvt-lightning export``."""
+    return pvt_lightning_main(["export", *(sys.argv[1:] if argv is None else argv)])
