@@ -18,7 +18,8 @@ from pvt_lightning.evaluation.operating_point import OperatingPoint
 from pvt_lightning.evaluation.report import (check_outputs, evaluation_file_names, evaluation_files, headline_metrics,
                                              summary_lines, write_outputs)
 from pvt_lightning.export.runtime import load_classifier
-from pvt_lightning.runs.rundir import check_output, version_dir_of, write_file
+from pvt_lightning.runs.io import check_output, write_file
+from pvt_lightning.runs.rundir import version_dir_of
 
 CONFIG = EvaluateConfig
 

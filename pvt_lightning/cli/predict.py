@@ -12,7 +12,7 @@ from pvt_lightning.evaluation.collect import LogitCollector
 from pvt_lightning.evaluation.operating_point import OperatingPoint, find_operating_point
 from pvt_lightning.evaluation.writer import PredictionCsvWriter
 from pvt_lightning.export.runtime import is_exported_file, load_predictor
-from pvt_lightning.runs.rundir import check_output
+from pvt_lightning.runs.io import check_output
 
 CONFIG = PredictConfig
 

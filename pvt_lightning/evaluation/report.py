@@ -28,7 +28,7 @@ from pvt_lightning.evaluation.operating_point import (
     decide,
     operating_point_report,
 )
-from pvt_lightning.runs.rundir import check_output, write_file
+from pvt_lightning.runs.io import check_output, write_file
 
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support", "average_precision")
 MAX_PROBABILITY_COLUMNS = 100

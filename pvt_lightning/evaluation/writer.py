@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from pvt_lightning.evaluation.report import prediction_columns, prediction_rows
-from pvt_lightning.runs.rundir import atomic_open
+from pvt_lightning.runs.io import atomic_open
 
 
 class PredictionCsvWriter(BasePredictionWriter):

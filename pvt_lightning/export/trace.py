@@ -37,7 +37,7 @@ from pvt_lightning.export.parity import TOLERANCE, ParityCheck, check_parity, ex
 from pvt_lightning.export.runtime import ExportedClassifier, OnnxClassifier, ProgramClassifier, load_classifier
 from pvt_lightning.models import MIN_INPUT_SIZE
 from pvt_lightning.models.registry import DEFAULT_IMG_SIZE, Preprocessing
-from pvt_lightning.runs.rundir import check_output, write_file
+from pvt_lightning.runs.io import check_output, write_file
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MIN_OPSET = 18

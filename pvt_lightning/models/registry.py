@@ -182,6 +182,17 @@ def variant_spec(name: str) -> VariantSpec:
     return VARIANT_SPECS[canonical_name(name)]
 
 
+def variant_label(name: str, linear_sra: bool | None = None) -> str:
+    """The variant as it runs: 'b2_li', 'b0_li' (linear SRA forced on), 'b2_li' -> 'b2_noli' (forced off), 'resnet50'.
+
+    The one name formatter: run folder names, the comparison table and checkpoint messages all use it.
+    """
+    spec = variant_spec(name)
+    if spec.family != "pvt_v2" or linear_sra is None or bool(linear_sra) == spec.linear_sra:
+        return spec.name
+    return f"{spec.name}_li" if linear_sra else f"{spec.name.removesuffix('_li')}_noli"
+
+
 def is_pvt_v2(name: str) -> bool:
     return variant_spec(name).family == "pvt_v2"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from pvt_lightning.errors import CheckpointError
-from pvt_lightning.models.registry import variant_spec
+from pvt_lightning.models.registry import variant_label, variant_spec
 from pvt_lightning.models.weights import StateDict, detect_layout, read_state_dict_file, sniff_format, unwrap_state_dict
 
 TRAINING = "training"
@@ -103,16 +103,13 @@ def _layout_or_none(state: StateDict) -> str | None:
 
 
 def _model_name(variant: str | None, linear_sra: bool | None) -> str:
-    """'b0', or 'b2 with linear SRA' where the override differs from the variant's own attention."""
+    """The variant as it runs (``variant_label``), '?' if unknown, as recorded if this version does not know it."""
     if variant is None:
         return "?"
     try:
-        spec = variant_spec(variant)
+        return variant_label(variant, linear_sra)
     except ValueError:
         return variant
-    if linear_sra is None or bool(linear_sra) == spec.linear_sra:
-        return spec.name
-    return f"{spec.name} with{'' if linear_sra else 'out'} linear SRA"
 
 
 def _architecture(variant: str, linear_sra: bool | None):

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from pvt_lightning.errors import CheckpointError, CheckpointSaveError
+from pvt_lightning.runs.io import umask
 from pvt_lightning.models.weights import read_state_dict_file
 from pvt_lightning.runs.checkpoint_info import describe_checkpoint
 
@@ -36,7 +37,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except OSError as err:
         raise CheckpointSaveError(save_error_message(path, err)) from None
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file torch.save's usual mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file torch.save's usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -103,12 +104,6 @@ def _size(num_bytes: float) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1000
     return f"{num_bytes:.1f} TB"  # pragma: no cover
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

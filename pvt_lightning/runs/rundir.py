@@ -1,95 +1,28 @@
-"""Run folders and every file the tool writes: versions claimed atomically, files written atomically.
+"""Run folders: versions claimed atomically, the run name, the checkpoint a resume continues, hparams and summary.
 
 A run lives in ``<logdir>/<name>/version_N/``. ``claim_version`` creates the next free version
 folder with ``mkdir`` (atomic), so two runs started together under one name get two folders.
-``write_file`` is the one writer for outputs the user asked for (reports, CSVs, exports): it
-refuses to replace an existing file unless told to, creates parent folders, and renames a
-complete temporary file into place, so a reader or a crash never sees half a file.
+Files are written through ``runs/io.py`` (atomic, never replacing the user's files unasked).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Any
 
-from pvt_lightning.errors import OutputExistsError, UsageError
+from pvt_lightning.errors import UsageError
+from pvt_lightning.models.registry import variant_label
+from pvt_lightning.runs.io import write_file
 
 VERSION = re.compile(r"version_(\d+)")
 RUN_VERSION_ENV = "PVT_LIGHTNING_RUN_VERSION"
 """Set by the launching process before DDP workers start, so every rank writes to the same version folder."""
 
-
-def check_output(path: str | Path, overwrite: bool = False, flag: str = "--output") -> Path:
-    """Fail now, before any work, if ``path`` cannot be written: it exists (without overwrite) or is a folder."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file path")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{flag} {path} already exists; choose a new path or pass --overwrite to replace it "
-                                "(pvt-lightning never replaces your files unasked)")
-    parent = _existing_ancestor(path.parent)
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: cannot create files under {parent} (no write permission)")
-    return path
-
-
-def _existing_ancestor(folder: Path) -> Path:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", overwrite: bool = False, **open_kwargs) -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` in one rename, else it vanishes."""
-    path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and path.exists():  # appeared while we wrote: keep theirs
-            raise OutputExistsError(f"{path} was created by someone else while pvt-lightning wrote it; "
-                                    f"nothing was replaced")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_file(path: str | Path, content: str | bytes, overwrite: bool = False) -> Path:
-    """Write ``content`` to ``path`` atomically, refusing to replace an existing file unless ``overwrite``."""
-    mode = "wb" if isinstance(content, bytes) else "w"
-    kwargs = {} if isinstance(content, bytes) else {"encoding": "utf-8", "errors": "surrogateescape"}
-    with atomic_open(path, mode, overwrite, **kwargs) as f:
-        f.write(content)
-    return Path(path).expanduser()
-
-
-def write_with(path: str | Path, writer: Callable[[IO], None], overwrite: bool = False, binary: bool = True) -> Path:
-    """Atomic write through ``writer(file)`` (e.g. ``torch.save``, ``fig.savefig``)."""
-    with atomic_open(path, "wb" if binary else "w", overwrite) as f:
-        writer(f)
-    return Path(path).expanduser()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# --- versions -----------------------------------------------------------------------------------------------
 
 def versions(run_root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in run_root.glob("version_*") if (m := VERSION.fullmatch(p.name)))
@@ -188,16 +121,8 @@ class RunPaths:
 
 
 def default_run_name(config: Any) -> str:
-    """e.g. b2_li_384x224, b2_li_224x224 (b2 with linear SRA forced on), b2_noli_..., resnet50_384x224."""
-    from pvt_lightning.models.registry import PVT_V2_CONFIGS, is_pvt_v2
-
-    name = config.variant
-    if is_pvt_v2(config.variant) and config.linear_sra is not None:
-        if config.linear_sra and not PVT_V2_CONFIGS[config.variant].linear_sra:
-            name += "_li"
-        elif not config.linear_sra and PVT_V2_CONFIGS[config.variant].linear_sra:
-            name = name.removesuffix("_li") + "_noli"
-    return f"{name}_{config.img_size[0]}x{config.img_size[1]}"
+    """e.g. b2_li_384x224, b0_li_224x224 (b0 with linear SRA forced on), b2_noli_..., resnet50_384x224."""
+    return f"{variant_label(config.variant, config.linear_sra)}_{config.img_size[0]}x{config.img_size[1]}"
 
 
 def run_root_of(config: Any) -> Path:
