@@ -215,3 +215,26 @@ def test_resume_refuses_a_checkpoint_of_other_classes(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot --resume" in err and "--pretrained" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "ac").exists(), "a refused resume claims no folder"
+
+
+def test_a_run_trained_with_a_crop_is_evaluated_predicted_and_exported_with_it(data, tmp_path, capsys):
+    """--crop-pct is saved in the checkpoint: evaluate, predict and export use it without the flag repeated."""
+    pytest.importorskip("onnx")
+    from pvt_lightning.export.metadata import read_metadata
+
+    assert main([*TINY, "--batch-size", "4", "--data", str(data), "--logdir", str(tmp_path / "runs"), "--name",
+                 "crop", "--crop-pct", "0.95"]) == 0
+    last = tmp_path / "runs" / "crop" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["evaluate", "--checkpoint", str(last), "--data", str(data), "--num-workers", "0",
+                 "--output-dir", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["preprocessing"]["crop_pct"] == 0.95 and report["preprocessing"]["img_size"] == [32, 32]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(last), "--input", str(data / "val"), "--num-workers", "0",
+                 "--output", str(tmp_path / "p.csv")]) == 0
+    assert "resize to size/0.95 then centre crop" in capsys.readouterr().out
+    assert main(["predict", "--checkpoint", str(last), "--input", str(data / "val"), "--num-workers", "0",
+                 "--output", str(tmp_path / "q.csv"), "--crop-pct", "0.8"]) == 0
+    assert "resize to size/0.8 then centre crop" in capsys.readouterr().out  # a flag still overrides it
+    assert main(["export", "--checkpoint", str(last), "--output", str(tmp_path / "m.onnx")]) == 0
+    assert read_metadata(tmp_path / "m.onnx").crop_pct == 0.95

@@ -137,4 +137,7 @@ def with_checkpoint_preprocessing(config: Any, module: Any) -> tuple[Any, Prepro
     workers = default_num_workers() if config.num_workers is None else config.num_workers
     config = dataclasses.replace(config, img_size=list(preprocessing.img_size), crop_pct=preprocessing.crop_pct,
                                  num_workers=workers)
+    h, w = preprocessing.img_size
+    say(f"Preprocessing: {h}x{w}, resize to size/{preprocessing.crop_pct:g} then centre crop, mean "
+        f"{tuple(round(m, 3) for m in preprocessing.mean)}, std {tuple(round(s, 3) for s in preprocessing.std)}")
     return config, preprocessing

@@ -56,7 +56,8 @@ def evaluate(config: EvaluateConfig) -> int:
     paths = [paths[i] for i in keep]
     targets = torch.tensor([labels[path] for path in paths])
     skipped = sorted(set(datamodule.bad_image_paths()) & set(labels))
-    extra = {"data": str(data_dir), "tta": config.tta, "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
+    extra = {"data": str(data_dir), "tta": config.tta, "preprocessing": preprocessing.as_dict(),
+             "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
     report, files = evaluation_files(logits[keep], targets, paths, class_names, calibrate=config.calibrate,
                                      target_precision=config.target_precision, target_recall=config.target_recall,
                                      operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra)
