@@ -1,6 +1,6 @@
 """Fine-tuning from a checkpoint against training from scratch, on handwritten digits drawn two ways.
 
-    python experiments/finetune_vs_scratch.py --out runs/finetune_vs_scratch --doc docs/finetuning.md
+    python experiments/finetune_vs_scratch.py --out runs/finetune_vs_scratch --doc experiments/results/finetune_vs_scratch.md
 
 1. scikit-learn's 1797 handwritten digits (the data ``make_digits.py`` writes), upscaled to 32x32 and split
    (stratified, seeded) into two parts that share their structure, the strokes of the ten digits, but not
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--extra", default="", help='more run.py flags for the fine-tuning run, e.g. "--layer-decay 1"')
     parser.add_argument("--tag", default="", help="suffix of the fine-tuning run's name (for sweeps)")
-    parser.add_argument("--doc", type=Path, help="also write the markdown page (docs/finetuning.md) here")
+    parser.add_argument("--doc", type=Path, help="also write the results page here (docs/finetuning.md quotes it)")
     args = parser.parse_args()
 
     data = make_parts(args.out / "data", args.shots)
@@ -143,7 +143,7 @@ def main() -> None:
 
 PAGE = """# Fine-tuning from a checkpoint against training from scratch
 
-Made by `python experiments/finetune_vs_scratch.py --doc docs/finetuning.md` from data the repository generates:
+Made by `python experiments/finetune_vs_scratch.py --doc experiments/results/finetune_vs_scratch.md` from data the repository generates:
 scikit-learn's 1797 handwritten digits at {size}x{size}, split into two parts that share their structure (the strokes
 of the ten digits) but neither their look nor their images.
 

@@ -127,7 +127,7 @@ class RecipeOptions:
     """Optimisation and regularisation; unset values come from the recipe."""
 
     recipe: Literal[RECIPE_NAMES] = option("auto", "defaults for the fields below that you leave unset; auto "
-                                           "chooses from the data (see README)", "recipe")
+                                           "chooses from the data (see docs/recipe.md)", "recipe")
     epochs: Optional[PositiveInt] = option(None, "epochs (default: the recipe's)", "recipe")
     lr: Optional[PositiveFloat] = option(None, "peak learning rate; default: --base-lr x total batch / 512, the "
                                          "total batch being batch size x devices x nodes x accumulation", "recipe")
