@@ -12,16 +12,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pvt_lightning.models.registry import is_pvt_v2, variant_label
 from pvt_lightning.runs.tables import markdown_table, write_csv as write_table_csv
+from pvt_lightning.tags import (MEMORY_TAGS, PER_CLASS_PREFIXES, POSITIVE_PREFIXES, PRECISION, TIME_TAG, VAL_ACC,
+                                VAL_PRECISION, VAL_RECALL, memory_device, positive_class_tags)
 
 SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"
 METRICS_CSV = "metrics.csv"
 """What ``--logger csv`` writes instead of event files (Lightning's CSVLogger)."""
-CUDA_MEMORY_TAGS = ("memory/peak_reserved_mb", "memory/peak_allocated_mb")
-CPU_MEMORY_TAGS = ("memory/peak_pss_mb", "memory/peak_rss_mb")  # rss: runs logged before PSS replaced it
-MEMORY_TAGS = CUDA_MEMORY_TAGS + CPU_MEMORY_TAGS
-"""In order of preference for the table's one memory figure (reserved is what nvidia-smi shows)."""
 
 COLUMNS = ("run", "model", "input", "params_m", "gmacs", "epoch_time_s", "peak_memory_mb", "memory_device",
            "precision", "recall", "pr_of", "accuracy", "best_epoch", "epochs")
@@ -82,8 +81,11 @@ def epoch_series(scalars: dict[str, Series], tag: str) -> Series:
 
 def model_name(variant: str, linear_sra: bool | None) -> str:
     """The seed table's model names: ``pvt_v2_b5``, ``pvt_v2_b0_li`` (linear SRA on), ``resnet50``."""
-    name = variant if variant.startswith(("pvt_v2_", "resnet")) else f"pvt_v2_{variant}"
-    return f"{name}_li" if linear_sra and not name.endswith("_li") else name
+    try:
+        label, pvt = variant_label(variant, linear_sra), is_pvt_v2(variant)
+    except ValueError:  # a variant this version does not know: shown as recorded
+        return variant
+    return f"pvt_v2_{label}" if pvt else label
 
 
 def _last(series: Series) -> float | None:
@@ -92,12 +94,13 @@ def _last(series: Series) -> float | None:
 
 def _positive_tags(scalars: dict[str, Series], positive_class: str | None) -> tuple[str, str] | None:
     """The ``val/positive/{precision,recall}/<class>`` tags of the run, if it had a positive class."""
+    prefix = POSITIVE_PREFIXES[PRECISION]
     names = [positive_class] if positive_class else sorted(
-        tag.rsplit("/", 1)[1] for tag in scalars if tag.startswith("val/positive/precision/"))
+        tag[len(prefix):] for tag in scalars if tag.startswith(prefix))
     for name in names[:1]:
-        tags = (f"val/positive/precision/{name}", f"val/positive/recall/{name}")
-        if all(tag in scalars for tag in tags):
-            return tags
+        pair = positive_class_tags(name)
+        if all(tag in scalars for tag in pair):
+            return pair
     return None
 
 
@@ -107,8 +110,8 @@ def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, 
     summary = load_summary(run_dir)
     scalars = load_scalars(run_dir)
     metrics = summary.get("metrics") or {tag: _last(epoch_series(scalars, tag)) for tag in
-                                         ("val/acc", "val/precision", "val/recall")}
-    accuracy = epoch_series(scalars, "val/acc")
+                                         (VAL_ACC, VAL_PRECISION, VAL_RECALL)}
+    accuracy = epoch_series(scalars, VAL_ACC)
     memory_tag = next((tag for tag in MEMORY_TAGS if tag in scalars), None)
     img_size = summary.get("img_size")
     row = {
@@ -120,20 +123,20 @@ def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, 
         "epoch_time_s": summary.get("epoch_time_s"),
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "memory_device": summary.get("memory_device"),
-        "precision": metrics.get("val/precision"),
-        "recall": metrics.get("val/recall"),
+        "precision": metrics.get(VAL_PRECISION),
+        "recall": metrics.get(VAL_RECALL),
         "pr_of": "macro",
-        "accuracy": metrics.get("val/acc"),
+        "accuracy": metrics.get(VAL_ACC),
         "best_epoch": (summary.get("best") or {}).get("epoch"),
         "epochs": summary.get("epochs"),
     }
     if not summary:  # an unfinished run: what its events say
-        times = [value for _, value in scalars.get("time/epoch_s", [])]
+        times = [value for _, value in scalars.get(TIME_TAG, [])]
         best = max(accuracy, key=lambda point: point[1]) if accuracy else None
         row.update(
             epoch_time_s=sum(times) / len(times) if times else None,
             peak_memory_mb=max(value for _, value in scalars[memory_tag]) if memory_tag else None,
-            memory_device=None if memory_tag is None else "cuda" if memory_tag in CUDA_MEMORY_TAGS else "cpu",
+            memory_device=None if memory_tag is None else memory_device(memory_tag),
             best_epoch=best[0] if best else None,
             epochs=len(accuracy) or None,
         )
@@ -236,8 +239,6 @@ def plot_runs(logdir: str | Path, tags: Sequence[str], out_path: str | Path, fil
 
 # --- per-class precision and recall --------------------------------------------------------------------------
 
-PER_CLASS_PREFIXES = {"precision": "val/precision/", "recall": "val/recall/"}
-"""Tag prefixes of the per-class scalars ``ClassificationReport`` logs every validation epoch."""
 PER_CLASS_COLUMNS = ("run", "class", "precision", "recall")
 
 
