@@ -15,7 +15,7 @@ with fewer than 6 pairs, none with 1). A ratio whose interval holds 1.00 is a ti
 Peak memory (CPU: peak RSS; GPU: peak allocated) comes from a fresh subprocess per model.
 Achieved FLOP/s counts 2 FLOPs per MAC and a training step as 3 forward passes; ``pct_of_peak`` compares it
 with a measured matmul rate, ``mfu`` (GPUs) the same count with attention products included with the device's
-dense datasheet peak (``pvt_lightning.training.throughput``). ``--compile-regions`` compiles our models per block
+dense datasheet peak (``pvt_lightning.training.callbacks.throughput``). ``--compile-regions`` compiles our models per block
 (``pvt_lightning.training.compile``: both with ``--reference-variant``) and leaves timm's reference eager.
 
 ``--onnx`` times onnxruntime (CPU; the CUDA execution provider with ``--device cuda`` where onnxruntime
@@ -42,7 +42,7 @@ from tools.bench import memory, reference, timing  # noqa: E402
 from tools.bench.synthetic import write_photo_folder  # noqa: E402
 from pvt_lightning.runs.tables import markdown_table, write_csv  # noqa: E402
 from pvt_lightning.models import VARIANTS, canonical_name, measure_complexity, variant_spec  # noqa: E402
-from pvt_lightning.training.throughput import device_peak_flops  # noqa: E402
+from pvt_lightning.training.callbacks.throughput import device_peak_flops  # noqa: E402
 
 COLUMNS = ["variant", "size", "mode", "batch", "precision", "reference", "params_m", "gmacs", "ours_img_s", "ref_img_s",
            "ratio", "ratio_lo", "ratio_hi", "ours_peak_mb", "ref_peak_mb", "ours_act_mb", "ref_act_mb", "ours_gflop_s",
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc (by default freed memory stays in the process, as in training "
-                        "runs; see pvt_lightning/allocator.py)")
+                        "runs; see pvt_lightning/training/allocator.py)")
     p.add_argument("--memory-steps", type=int, default=2, help="steps per mode in the peak-memory subprocess")
     p.add_argument("--no-reference", action="store_true", help="time our model only")
     p.add_argument("--reference-variant", default=None,

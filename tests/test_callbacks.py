@@ -27,18 +27,12 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from pvt_lightning import ImageClassifier
-from pvt_lightning.training.callbacks import (
-    CUDA_MEMORY_TAGS,
-    CudaPeakMemory,
-    EpochLine,
-    EpochTimer,
-    MemoryMonitor,
-    default_callbacks,
-    format_epoch_line,
-    process_tree_pss,
-    proportional_set_size,
-    worst_rank,
-)
+from pvt_lightning.tags import CUDA_MEMORY_TAGS
+from pvt_lightning.training.callbacks import default_callbacks
+from pvt_lightning.training.callbacks.epoch_line import EpochLine, format_epoch_line
+from pvt_lightning.training.callbacks.memory import (CudaPeakMemory, MemoryMonitor, process_tree_pss,
+                                                     proportional_set_size, worst_rank)
+from pvt_lightning.training.callbacks.timing import EpochTimer
 
 CLASSES = ("blue", "green", "red")
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
@@ -157,10 +151,10 @@ def assert_metrics_match_direct(acc: EventAccumulator, model: ImageClassifier, v
 
 def test_worst_rank_logs_the_fullest_device_per_tag():
     """The CUDA path's reduction, fed numbers as all_gather returns them (one row per rank)."""
-    per_rank = [[1200.0, 2048.0], [1500.0, 1900.0]]
+    per_rank = [[2048.0, 1200.0], [1900.0, 1500.0]]  # (reserved, allocated): CUDA_MEMORY_TAGS' order
     assert worst_rank(CUDA_MEMORY_TAGS, per_rank) == {
         "memory/peak_allocated_mb": 1500.0, "memory/peak_reserved_mb": 2048.0}
-    assert worst_rank(CUDA_MEMORY_TAGS, [[10.0, 20.0]]) == {
+    assert worst_rank(CUDA_MEMORY_TAGS, [[20.0, 10.0]]) == {
         "memory/peak_allocated_mb": 10.0, "memory/peak_reserved_mb": 20.0}
 
 
@@ -169,12 +163,12 @@ def test_cuda_peak_memory_sees_an_allocation_and_resets():
     probe = CudaPeakMemory(torch.device("cuda", 0))
     probe.start()
     block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    allocated, reserved = probe.stop()
+    reserved, allocated = probe.stop()
     assert allocated >= 256 and reserved >= allocated
     del block
     torch.cuda.empty_cache()
     probe.start()
-    assert probe.stop()[0] < 256
+    assert probe.stop()[1] < 256
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The FLOPs-utilisation callback (pvt_lightning/throughput.py): real Trainer fits, real TensorBoard events."""
+"""The FLOPs-utilisation callback (training/callbacks/throughput.py): real Trainer fits, real TensorBoard events."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pvt_lightning.training.callbacks import THROUGHPUT_TAG, EpochTimer
+from pvt_lightning.tags import FLOPS_TAG, MFU_TAG, THROUGHPUT_TAG
+from pvt_lightning.training.callbacks.timing import EpochTimer
 from pvt_lightning.training.compile import compile_regions
 from pvt_lightning.data import ImageFolderDataModule
 from pvt_lightning.training.module import ImageClassifier
-from pvt_lightning.training.throughput import FLOPS_TAG, MFU_TAG, FlopsUtilization, device_peak_flops
+from pvt_lightning.training.callbacks.throughput import FlopsUtilization, device_peak_flops
 
 
 def fit(tmp_path, image_folder, callbacks, epochs: int = 2, model=None):

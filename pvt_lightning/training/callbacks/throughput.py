@@ -1,6 +1,6 @@
 """Model FLOPs utilisation (MFU): the training FLOP rate of each epoch and its share of the hardware's peak.
 
-Logged once per epoch at step = epoch, like every other scalar of a run (``callbacks.py``), next to EpochTimer's
+Logged once per epoch at step = epoch, like every other scalar of a run (``loggers.py``), next to EpochTimer's
 ``throughput/train_img_s``:
 
 - ``perf/flops_per_s``: model FLOPs per training image x images/s (all ranks). Per image: 3 x the forward pass
@@ -22,10 +22,9 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
-from pvt_lightning.training.callbacks import EpochTimer, log_epoch_scalars
-
-FLOPS_TAG = "perf/flops_per_s"
-MFU_TAG = "perf/mfu"
+from pvt_lightning.tags import FLOPS_TAG, MFU_TAG
+from pvt_lightning.training.callbacks.loggers import log_epoch_scalars
+from pvt_lightning.training.callbacks.timing import EpochTimer
 
 # Dense (not 2:4-sparse) tensor-core peaks from NVIDIA's H200 datasheet. Lightning 2.6 lists the sparse figures
 # for H200 and does not recognise the plain "NVIDIA H200" device name.
