@@ -1,11 +1,15 @@
-"""ImageClassifier pieces: metrics, optimiser groups, learning-rate schedule."""
+"""ImageClassifier pieces: metrics, optimiser groups, learning-rate schedule, preprocessing in checkpoints."""
+
+from dataclasses import dataclass
 
 import lightning as L
 import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from pvt_lightning.training.module import ImageClassifier, WarmupCosine, classification_metrics, scaled_lr
+from pvt_lightning.models.registry import EVAL_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from pvt_lightning.training.module import ImageClassifier, classification_metrics
+from pvt_lightning.training.optim import WarmupCosine, scaled_lr
 
 
 def test_macro_metrics_are_right_when_the_first_batch_is_perfect():
@@ -76,3 +80,55 @@ def test_mixup_cutmix_train_with_soft_targets():
 def test_official_drop_path_defaults():
     assert ImageClassifier("b0", num_classes=2).hparams.drop_path == 0.1
     assert ImageClassifier("b3", num_classes=2).hparams.drop_path == 0.3
+
+
+def fitted_checkpoint(module: ImageClassifier, path) -> None:
+    """One real optimizer step, then the Trainer's own checkpoint file."""
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,)))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(path)
+
+
+def test_checkpoint_keeps_the_preprocessing_and_old_checkpoints_get_the_defaults(tmp_path):
+    module = ImageClassifier("b0", num_classes=3, img_size=(32, 32), crop_pct=0.95)
+    fitted_checkpoint(module, tmp_path / "new.ckpt")
+    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "new.ckpt")
+    assert loaded.preprocessing.crop_pct == 0.95
+    assert loaded.preprocessing.img_size == (32, 32) and loaded.preprocessing.mean == IMAGENET_MEAN
+
+    # A checkpoint written before the preprocessing was saved: the same file without those hyper-parameters.
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    for key in ("crop_pct", "mean", "std", "interpolation"):
+        del checkpoint["hyper_parameters"][key]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = ImageClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert old.preprocessing.crop_pct == EVAL_CROP_PCT == 0.875
+    assert old.preprocessing.std == IMAGENET_STD and old.preprocessing.img_size == (32, 32)
+    assert old.preprocessing.interpolation == "bilinear"
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), loaded.state_dict().values()))
+
+
+@dataclass
+class ModelGroup:
+    variant: str = "b0"
+    drop_path: float | None = None
+    compile: bool = False  # not a constructor parameter: ignored
+
+
+@dataclass
+class InputGroup:
+    img_size: list | None = None
+    crop_pct: float | None = None
+
+
+def test_from_options_reads_the_parameters_from_option_objects():
+    module = ImageClassifier.from_options(ModelGroup(), InputGroup([32, 32], 0.9), num_classes=2, lr=1e-3)
+    hp = module.hparams
+    assert (hp.variant, hp.img_size, hp.crop_pct, hp.lr, hp.num_classes) == ("b0", [32, 32], 0.9, 1e-3, 2)
+    assert hp.drop_path == 0.1  # None in the group: the variant's default, as if not given
+    assert ImageClassifier.from_options(ModelGroup(drop_path=0.2), num_classes=2, drop_path=0.05).hparams.drop_path \
+        == 0.05  # keywords win over the groups
+    with pytest.raises(TypeError, match="no parameter epochs"):
+        ImageClassifier.from_options(ModelGroup(), num_classes=2, epochs=3)

@@ -23,7 +23,9 @@ from pvt_lightning.data import ImageFolderDataModule
 from pvt_lightning.errors import DataError
 from pvt_lightning.data.sampling import ClassBalancedSampler, balanced_class_weights, read_class_weights
 from pvt_lightning.models import create_model
-from pvt_lightning.training.module import ImageClassifier, classification_loss, param_groups
+from pvt_lightning.training.losses import classification_loss
+from pvt_lightning.training.module import ImageClassifier
+from pvt_lightning.training.optim import param_groups
 from pvt_lightning.training.recipes import RECIPE_FIELDS, SMALL_DATASET, choose_recipe
 
 B0_DEPTHS = (2, 2, 2, 2)

@@ -1,16 +1,15 @@
-"""ImageClassifier: a PVTv2 (or ResNet-50) model, its loss, optimiser, schedule and metrics.
+"""ImageClassifier: a PVTv2 (or ResNet-50) model trained as a LightningModule: steps, metrics and their logging.
 
-Fine-tuning controls live here as optimiser parameter groups and a schedule per group:
-``layer_decay`` (each layer's lr is ``layer_decay ** (distance from the head)`` of the head's),
-``head_lr_scale`` (the classifier head's lr multiplier), and ``freeze_backbone_epochs`` (only the
-head learns at first; the backbone's gradients are dropped and its lr held at 0, then it warms up
-like a fresh start). Losses: cross-entropy or focal, optionally class-weighted (``classification_loss``).
+Its hyper-parameters (every constructor argument, saved in each checkpoint) include the preprocessing the
+model expects (``preprocessing``). The loss is in ``losses.py``; parameter groups, layer-wise lr decay, the
+frozen backbone's groups and the warm-up + cosine schedule in ``optim.py``; defaults come from the paper
+recipe (``recipes.PAPER``) and the variant's record (``models/registry.py``). Logged tags: ``pvt_lightning.tags``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterator, Sequence
+import inspect
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -20,32 +19,59 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from torchvision.transforms import v2
 
+from pvt_lightning import tags
 from pvt_lightning.models import create_model, load_pretrained, measure_complexity
-from pvt_lightning.models.registry import DEFAULT_DROP_PATH, canonical_name
-
-BASE_LR = 5e-4
-"""Official recipe: lr 5e-4 per 512 images of total batch (scaled linearly)."""
-
-
-def scaled_lr(total_batch_size: int, base_lr: float = BASE_LR) -> float:
-    return base_lr * total_batch_size / 512
+from pvt_lightning.models.registry import DEFAULT_IMG_SIZE, Preprocessing, variant_spec
+from pvt_lightning.training.losses import LOSSES, classification_loss
+from pvt_lightning.training.optim import WarmupCosine, classifier_head, init_new_head, param_groups, schedule_factors
+from pvt_lightning.training.recipes import PAPER
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Top-1/top-5 accuracy and macro precision/recall/F1, synchronised across DDP ranks."""
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            "precision": MulticlassPrecision(num_classes, average="macro"),
-            "recall": MulticlassRecall(num_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
+            tags.ACC: MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            tags.ACC5: MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            tags.PRECISION: MulticlassPrecision(num_classes, average="macro"),
+            tags.RECALL: MulticlassRecall(num_classes, average="macro"),
+            tags.F1: MulticlassF1Score(num_classes, average="macro"),
         },
         prefix=prefix,
         # Shared compute groups go stale when Lightning logs the members one by one (epoch values
         # would come from the last batch); the saving is negligible next to the model.
         compute_groups=False,
     )
+
+
+def checked_hparams(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``ImageClassifier``'s arguments as its checkpoints keep them: checked, unset ones resolved from the variant's
+    record (drop path, preprocessing), and plain Python data only, so checkpoints load with weights_only=True."""
+    hp = dict(given)
+    spec = variant_spec(hp["variant"])
+    num_classes = hp["num_classes"]
+    class_names = hp["class_names"]
+    class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
+    if hp["loss"] not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {hp['loss']!r}")
+    class_weights = hp["class_weights"]
+    if class_weights is not None:
+        class_weights = [float(w) for w in class_weights]
+        if len(class_weights) != num_classes:
+            raise ValueError(f"{len(class_weights)} class weights given for num_classes={num_classes}")
+    layer_decay = hp["layer_decay"]
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    preprocessing = spec.preprocessing(hp["img_size"], hp["crop_pct"]).replace(
+        mean=hp["mean"], std=hp["std"], interpolation=hp["interpolation"])
+    hp.update(variant=spec.name, class_names=class_names, class_weights=class_weights,
+              img_size=list(hp["img_size"]), drop_path=spec.drop_path if hp["drop_path"] is None else hp["drop_path"],
+              pretrained=None if hp["pretrained"] is None else str(hp["pretrained"]),
+              crop_pct=preprocessing.crop_pct, mean=list(preprocessing.mean), std=list(preprocessing.std),
+              interpolation=preprocessing.interpolation)
+    return hp
 
 
 class ImageClassifier(L.LightningModule):
@@ -60,66 +86,71 @@ class ImageClassifier(L.LightningModule):
         variant: str = "b0",
         num_classes: int = 1000,
         class_names: Sequence[str] | None = None,
-        img_size: Sequence[int] = (224, 224),
-        lr: float = BASE_LR,
-        weight_decay: float = 0.05,
-        warmup_epochs: float = 5.0,
+        img_size: Sequence[int] = DEFAULT_IMG_SIZE,
+        lr: float = PAPER["base_lr"],
+        weight_decay: float = PAPER["weight_decay"],
+        warmup_epochs: float = PAPER["warmup_epochs"],
         warmup_lr: float | None = None,
         min_lr: float | None = None,
         drop_path: float | None = None,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = PAPER["label_smoothing"],
         mixup: float = 0.0,
         cutmix: float = 0.0,
         linear_sra: bool | None = None,
         pretrained: str | None = None,
         grad_checkpointing: bool = False,
         layer_decay: float | None = None,
-        head_lr_scale: float = 1.0,
-        freeze_backbone_epochs: int = 0,
+        head_lr_scale: float = PAPER["head_lr_scale"],
+        freeze_backbone_epochs: int = PAPER["freeze_backbone_epochs"],
         class_weights: Sequence[float] | None = None,
         loss: str = "ce",
         focal_gamma: float = 2.0,
+        crop_pct: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
     ):
-        """``warmup_lr``/``min_lr``: absolute start and end of the schedule (default: 0.001x and 0.01x ``lr``, the
-        official 1e-6 and 1e-5 at its total batch of 1024); ``class_weights``: one loss weight per class."""
+        """``lr``: peak rate (default: the paper recipe's rate at a total batch of 512); ``warmup_lr``/``min_lr``:
+        absolute start and end of the schedule (default: 0.001x and 0.01x ``lr``); ``drop_path``: default the
+        variant's; ``class_weights``: one loss weight per class; ``crop_pct``, ``mean``, ``std``, ``interpolation``:
+        the evaluation preprocessing kept in checkpoints (default: the variant's, ``variant_spec().preprocessing``)."""
+        given = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
-        variant = canonical_name(variant)
-        if drop_path is None:
-            drop_path = DEFAULT_DROP_PATH[variant]
-        class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if class_weights is not None:
-            class_weights = [float(w) for w in class_weights]
-            if len(class_weights) != num_classes:
-                raise ValueError(f"{len(class_weights)} class weights given for num_classes={num_classes}")
-        if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-        # Everything here is plain Python data, so checkpoints load with weights_only=True.
-        self.save_hyperparameters({
-            "variant": variant, "num_classes": num_classes, "class_names": class_names, "img_size": list(img_size),
-            "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "warmup_lr": warmup_lr,
-            "min_lr": min_lr, "drop_path": drop_path, "label_smoothing": label_smoothing, "mixup": mixup,
-            "cutmix": cutmix, "linear_sra": linear_sra, "pretrained": None if pretrained is None else str(pretrained),
-            "grad_checkpointing": grad_checkpointing, "layer_decay": layer_decay, "head_lr_scale": head_lr_scale,
-            "freeze_backbone_epochs": freeze_backbone_epochs, "class_weights": class_weights, "loss": loss,
-            "focal_gamma": focal_gamma,
-        })
-        self.class_names = class_names
-        self.model = create_model(variant, num_classes, linear_sra=linear_sra, drop_path_rate=drop_path)
+        self.save_hyperparameters(checked_hparams(given))
+        hp = self.hparams
+        self.class_names = hp.class_names
+        self.model = create_model(hp.variant, num_classes, linear_sra=linear_sra, drop_path_rate=hp.drop_path)
         if pretrained is not None and load_pretrained(self.model, pretrained):
             init_new_head(classifier_head(self.model))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.mix = self._build_mix(num_classes, mixup, cutmix)
         # Not in the state dict: the hyper-parameters rebuild it, and older checkpoints load unchanged.
-        self.register_buffer("class_weight", None if class_weights is None else torch.tensor(class_weights),
+        self.register_buffer("class_weight", None if hp.class_weights is None else torch.tensor(hp.class_weights),
                              persistent=False)
         self.frozen_steps = 0  # optimizer steps during which only the head learns; set by configure_optimizers
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.val_metrics = classification_metrics(num_classes, f"{tags.VAL}/")
+        self.test_metrics = classification_metrics(num_classes, f"{tags.TEST}/")
+
+    @classmethod
+    def from_options(cls, *groups: Any, **extra: Any) -> "ImageClassifier":
+        """Built from objects whose attributes carry option values (the CLI's option dataclasses): each constructor
+        parameter takes the attribute of its name from the last group where it is set (not None); ``extra`` wins
+        over the groups. Attributes that are no parameter are ignored; an unknown ``extra`` is a TypeError."""
+        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(extra) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no parameter {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for group in groups:
+            values.update({name: getattr(group, name) for name in names if getattr(group, name, None) is not None})
+        return cls(**{**values, **extra})
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the model expects of an image (input size, evaluation crop, normalisation), from the hyper-parameters;
+        a checkpoint saved before they held the preprocessing gets the variant's defaults."""
+        return Preprocessing.from_dict(dict(self.hparams))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
@@ -162,9 +193,9 @@ class ImageClassifier(L.LightningModule):
         loss = classification_loss(logits, targets, label_smoothing=hp.label_smoothing, class_weight=self.class_weight,
                                    gamma=hp.focal_gamma if hp.loss == "focal" else 0.0)
         # One value per epoch in TensorBoard (tags line up across runs); the step loss goes to the progress bar.
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
-        self.log("train/lr", self.scheduled_lr(), on_step=False, on_epoch=True, sync_dist=True)
-        self.log("loss", loss, on_step=True, prog_bar=True, logger=False)
+        self.log(tags.TRAIN_LOSS, loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        self.log(tags.TRAIN_LR, self.scheduled_lr(), on_step=False, on_epoch=True, sync_dist=True)
+        self.log(tags.PROGRESS_LOSS, loss, on_step=True, prog_bar=True, logger=False)
         self._log_epoch_as_x_axis()
         return loss
 
@@ -175,20 +206,21 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
         metrics.update(logits, targets)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=stage == "val", batch_size=len(targets))
+        self.log(tags.stage_tag(stage, tags.LOSS), loss, on_epoch=True, sync_dist=True, prog_bar=stage == tags.VAL,
+                 batch_size=len(targets))
         self.log_dict(metrics, on_epoch=True, prog_bar=False)
         self._log_epoch_as_x_axis()
         return {"loss": loss, "logits": logits.detach(), "target": targets}
 
     def _log_epoch_as_x_axis(self) -> None:
         """Lightning writes epoch-level scalars at the logged "step": the epoch, so runs line up in TensorBoard."""
-        self.log("step", float(self.current_epoch), on_step=False, on_epoch=True, reduce_fx="max")
+        self.log(tags.EPOCH_STEP, float(self.current_epoch), on_step=False, on_epoch=True, reduce_fx="max")
 
     def validation_step(self, batch, batch_idx):
-        return self._evaluate(batch, self.val_metrics, "val")
+        return self._evaluate(batch, self.val_metrics, tags.VAL)
 
     def test_step(self, batch, batch_idx):
-        return self._evaluate(batch, self.test_metrics, "test")
+        return self._evaluate(batch, self.test_metrics, tags.TEST)
 
     def predict_step(self, batch, batch_idx):
         if batch is None:  # every image of the batch was unreadable
@@ -210,8 +242,7 @@ class ImageClassifier(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         self.frozen_steps = min(round(hp.freeze_backbone_epochs * steps_per_epoch), total_steps)
-        warmup_factor = min(1.0, (hp.warmup_lr if hp.warmup_lr is not None else 1e-3 * hp.lr) / hp.lr)
-        min_factor = min(1.0, (hp.min_lr if hp.min_lr is not None else 1e-2 * hp.lr) / hp.lr)
+        warmup_factor, min_factor = schedule_factors(hp.lr, hp.warmup_lr, hp.min_lr)
         schedules = [WarmupCosine(warmup_steps, total_steps, warmup_factor, min_factor,
                                   start_step=0 if group["head"] else self.frozen_steps) for group in groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
@@ -233,140 +264,3 @@ class ImageClassifier(L.LightningModule):
         group = next(g for g in self.optimizers().param_groups if g["head"] or self.frozen_steps == 0)
         return group["lr"] / group["lr_scale"]
 
-
-LOSSES = ("ce", "focal")
-
-
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
-                        class_weight: torch.Tensor | None = None, gamma: float = 0.0) -> torch.Tensor:
-    """Mean over the batch of ``sum_c w_c q_c (1 - p_c)^gamma (-log p_c)``.
-
-    ``q`` is the target distribution: one-hot for class indices (B,), or MixUp/CutMix's soft targets
-    (B, C), then label-smoothed, ``q = (1 - eps) q + eps / C``; ``p = softmax(logits)``. ``gamma = 0``
-    is cross-entropy (torch's soft-target form; with hard targets and no weights exactly
-    ``F.cross_entropy``); ``gamma > 0`` is the focal loss (Lin et al. 2017), which for a one-hot ``q``
-    is ``-w_y (1 - p_y)^gamma log p_y`` and for a soft ``q`` puts the focal factor on every class it
-    covers. ``w`` are per-class weights (all 1 if None). Dividing by B, not by the summed weights, keeps
-    the hard- and soft-target cases one formula; balanced weights average 1, so the scale is unchanged.
-    """
-    num_classes = logits.shape[-1]
-    if targets.ndim == 1:
-        targets = F.one_hot(targets, num_classes).to(logits.dtype)
-    if gamma == 0:
-        return F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=label_smoothing)
-    log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, C)
-    targets = targets.float() * (1.0 - label_smoothing) + label_smoothing / num_classes
-    focal = (1.0 - log_probs.exp()).clamp(min=0.0).pow(gamma)
-    per_class = -targets * focal * log_probs
-    if class_weight is not None:
-        per_class = per_class * class_weight.float()
-    return per_class.sum(dim=-1).mean().to(logits.dtype)
-
-
-NEW_HEAD_STD = 2e-5
-"""Weights of a head replaced for fine-tuning start this small (MAE's fine-tuning init) and the biases at 0."""
-
-
-def init_new_head(head: nn.Module) -> None:
-    """Near-zero start for a head on pretrained features: every class starts equally likely, and the first
-    steps move it along the features. A std-0.02 random head (the from-scratch init) instead starts
-    confidently wrong, and at fine-tuning learning rates it takes hundreds of steps to undo."""
-    if isinstance(head, nn.Linear):
-        nn.init.trunc_normal_(head.weight, std=NEW_HEAD_STD)
-        nn.init.zeros_(head.bias)
-
-
-def classifier_head(model: nn.Module) -> nn.Module:
-    """The classification head: ``get_classifier()`` (timm's interface) where the model has it."""
-    if hasattr(model, "get_classifier"):
-        return model.get_classifier()
-    return model.head if hasattr(model, "head") else model.fc
-
-
-def layers_input_to_output(model: nn.Module) -> list[list[nn.Module]]:
-    """The model's parameterised parts from input to head; a part's index is its layer id.
-
-    PVTv2: [stage-1 patch embedding], then one entry per block (a stage's downsampling patch
-    embedding joins its first block, its final norm its last block), then [head]: depth + 2 layers.
-    ResNet: [stem conv + BN], one entry per bottleneck block, [fc].
-    """
-    head = classifier_head(model)
-    if hasattr(model, "stages"):
-        layers = [[model.stages[0].patch_embed]]
-        for index, stage in enumerate(model.stages):
-            for j, block in enumerate(stage.blocks):
-                layer = [block]
-                if j == 0 and index > 0:
-                    layer.insert(0, stage.patch_embed)
-                if j == len(stage.blocks) - 1:
-                    layer.append(stage.norm)
-                layers.append(layer)
-    elif hasattr(model, "layer1"):
-        layers = [[model.conv1, model.bn1]]
-        layers += [[block] for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(model, name)]
-    else:
-        raise TypeError(f"layer-wise learning rates need a PVTv2 or ResNet model, got {type(model).__name__}")
-    return layers + [[head]]
-
-
-def layer_scales(model: nn.Module, layer_decay: float | None, head_lr_scale: float = 1.0
-                 ) -> Iterator[tuple[int, float, bool, list[nn.Parameter]]]:
-    """(layer id, lr scale, is head, parameters) per layer: ``layer_decay ** (head id - id)``, the head's times
-    ``head_lr_scale``. Every parameter of the model is in exactly one layer."""
-    layers = layers_input_to_output(model)
-    head_id = len(layers) - 1
-    seen: set[int] = set()
-    for layer_id, modules in enumerate(layers):
-        params = [p for module in modules for p in module.parameters()]
-        seen.update(id(p) for p in params)
-        scale = (layer_decay or 1.0) ** (head_id - layer_id)
-        is_head = layer_id == head_id
-        yield layer_id, scale * head_lr_scale if is_head else scale, is_head, params
-    missing = [name for name, p in model.named_parameters() if id(p) not in seen]
-    if missing:
-        raise ValueError(f"parameters outside every layer (update layers_input_to_output): {', '.join(missing[:5])}")
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float | None = None,
-                 head_lr_scale: float = 1.0, split_head: bool = False) -> list[dict]:
-    """AdamW parameter groups: no weight decay on norms and biases (ndim <= 1), lr scaled per layer.
-
-    Parameters sharing (lr scale, weight decay, head or not when ``split_head``) share a group, so
-    without layer decay there are two groups (decay, no decay) as in the official recipe. Each group
-    carries ``lr_scale``, ``layer`` (the lowest layer id in it) and ``head``.
-    """
-    groups: dict[tuple, dict] = {}
-    for layer_id, scale, is_head, params in layer_scales(model, layer_decay, head_lr_scale):
-        for param in params:
-            no_decay = param.ndim <= 1
-            head = is_head and split_head
-            key = (scale, no_decay, head)
-            if key not in groups:
-                groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * scale,
-                               "lr_scale": scale, "layer": layer_id, "head": head or not split_head}
-            groups[key]["params"].append(param)
-    return sorted(groups.values(), key=lambda g: (g["layer"], g["weight_decay"] == 0.0))
-
-
-class WarmupCosine:
-    """LR multiplier for LambdaLR: 0 before ``start_step``, then linear from ``warmup_factor`` to 1 over
-    ``warmup_steps``, then cosine down to ``min_factor`` at ``total_steps``.
-
-    A small class rather than a closure so the scheduler state in checkpoints is plain numbers.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, warmup_factor: float, min_factor: float,
-                 start_step: int = 0):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        self.warmup_factor, self.min_factor = warmup_factor, min_factor
-        self.start_step = start_step
-
-    def __call__(self, step: int) -> float:
-        if step < self.start_step:
-            return 0.0
-        step, total = step - self.start_step, self.total_steps - self.start_step
-        warmup = min(self.warmup_steps, max(0, total - 1))
-        if step < warmup:
-            return self.warmup_factor + (1.0 - self.warmup_factor) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
