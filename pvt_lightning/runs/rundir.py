@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,31 +43,60 @@ def claim_version(run_root: Path) -> Path:
 
 
 def shared_version_dir(run_root: Path) -> Path:
-    """The version folder of this run: claimed by the launching process, inherited by DDP worker processes,
-    and found again by a requeued SLURM job (which reruns the same command)."""
+    """The version folder of this run: claimed by the launching process and inherited by the DDP workers it
+    starts; under an external launcher (srun, torchrun) claimed by global rank 0 and found by the other ranks
+    through a job marker, which also lets a requeued SLURM job (same job id) continue in its folder."""
     inherited = os.environ.get(RUN_VERSION_ENV)
     if inherited is not None:
         return run_root / f"version_{inherited}"
-    job = os.environ.get("SLURM_JOB_ID")
-    folder = slurm_job_folder(run_root, job) if job else None
+    job = launcher_job()
+    folder = job_folder(run_root, job[0]) if job else None
+    if folder is None and job and job[1] != 0:
+        folder = wait_for_job_folder(run_root, job[0])
     if folder is None:
         folder = claim_version(run_root)
         if job:
-            (folder / SLURM_JOB_FILE).write_text(job + "\n")
+            write_file(folder / JOB_FILE, job[0] + "\n")
     os.environ[RUN_VERSION_ENV] = VERSION.fullmatch(folder.name).group(1)
     return folder
 
 
-SLURM_JOB_FILE = ".slurm_job_id"
+JOB_FILE = ".slurm_job_id"
+"""Marker of the launcher job that claimed a version folder (the name predates torchrun support)."""
+JOB_WAIT_S = 1800.0
 
 
-def slurm_job_folder(run_root: Path, job: str) -> Path | None:
-    """The version folder this SLURM job claimed before it was requeued, if any."""
+def launcher_job() -> tuple[str, int] | None:
+    """(job id, global rank) when an external launcher started every process of the run, else None."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:  # torchrun: one id for every rank of the job
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        if run_id == "none":  # torchrun without --rdzv-id: the rendezvous address is shared by the job's ranks
+            run_id = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+        return f"torchrun-{run_id}", int(env["RANK"])
+    if "SLURM_JOB_ID" in env:
+        return env["SLURM_JOB_ID"], int(env.get("SLURM_PROCID", "0"))
+    return None
+
+
+def job_folder(run_root: Path, job: str) -> Path | None:
+    """The version folder this launcher job claimed (before a requeue, or by its rank 0), if any."""
     for number in reversed(versions(run_root)):
-        marker = run_root / f"version_{number}" / SLURM_JOB_FILE
+        marker = run_root / f"version_{number}" / JOB_FILE
         if marker.is_file() and marker.read_text().strip() == job:
             return marker.parent
     return None
+
+
+def wait_for_job_folder(run_root: Path, job: str, timeout: float = JOB_WAIT_S) -> Path:
+    """A rank other than 0 waits for rank 0 to claim the job's folder (rank 0 also scans the data first)."""
+    deadline = time.monotonic() + timeout
+    while (folder := job_folder(run_root, job)) is None:
+        if time.monotonic() > deadline:
+            raise UsageError(f"rank 0 of launcher job {job} claimed no version folder under {run_root} within "
+                             f"{timeout:.0f} s; check that every rank got the same --logdir and --name")
+        time.sleep(0.2)
+    return folder
 
 
 def release_version_env() -> None:
@@ -93,7 +123,7 @@ def version_dir_of(checkpoint: Path) -> Path | None:
 
 def remove_if_empty_run(folder: Path) -> None:
     """Remove a claimed version folder that holds nothing but what we wrote before the run failed to start."""
-    leftovers = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("hparams.yaml", SLURM_JOB_FILE)]
+    leftovers = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("hparams.yaml", JOB_FILE)]
     if not leftovers:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -152,6 +182,15 @@ def open_run(config: Any) -> RunPaths:
 def write_hparams(paths: RunPaths, config_yaml: str) -> None:
     """``hparams.yaml``: the fully resolved configuration as YAML; ``--config hparams.yaml`` reruns it."""
     write_file(paths.run_dir / "hparams.yaml", config_yaml, overwrite=paths.resume_from is not None)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None when it has none (not finished) or it cannot be read."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def write_summary(paths: RunPaths, summary: dict[str, Any]) -> None:
