@@ -14,11 +14,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import make_image_folder
+from pvt_lightning.cli.main import main
 from pvt_lightning.runs.compare import epoch_series, find_runs, format_markdown, load_scalars, model_name, runs_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-from compare import main as compare_main  # noqa: E402
 CLASSES = ("a", "b", "c")
 
 
@@ -98,9 +98,9 @@ def test_missing_logdir_or_filtered_out_runs_exit_2(tmp_path, capsys, make):
     if make == "filtered":
         write_events_run(tmp_path / "b0" / "version_0", [0.5])
         args = ["--logdir", str(tmp_path), "--filter", "b5"]
-    assert compare_main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert main(["compare", *args, "--out", str(tmp_path / "out")]) == 2
     message = capsys.readouterr().err
-    assert message.startswith("error: ") and ("does not exist" in message if make == "absent" else "'b5'" in message)
+    assert message.startswith("pvt-lightning: error: ") and ("does not exist" in message if make == "absent" else "'b5'" in message)
     assert not (tmp_path / "out").exists()
 
 

@@ -13,11 +13,12 @@ from typing import Optional
 
 from pvt_lightning.cli.options import option
 from pvt_lightning.errors import UsageError
-from pvt_lightning.runs.compare import (MEMORY_TAGS, format_markdown, format_per_class_markdown, format_per_class_text,
+from pvt_lightning.runs.compare import (format_markdown, format_per_class_markdown, format_per_class_text,
                                         format_text, per_class_groups, plot_runs, runs_table, write_csv,
                                         write_per_class_csv)
+from pvt_lightning.tags import MEMORY_TAGS, VAL_ACC, VAL_RECALL
 
-PLOTS = {"val_acc.png": ("val/acc",), "val_recall.png": ("val/recall",), "memory.png": MEMORY_TAGS}
+PLOTS = {"val_acc.png": (VAL_ACC,), "val_recall.png": (VAL_RECALL,), "memory.png": MEMORY_TAGS}
 
 
 @dataclass
