@@ -17,10 +17,8 @@ from matplotlib.figure import Figure
 from torchmetrics.classification import BinaryPrecisionRecallCurve, MulticlassAveragePrecision
 
 from pvt_lightning.evaluation.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from pvt_lightning.training.callbacks.figures import MAX_GRID_CLASSES, confused_classes, draw_matrix, reduced_confusion
 
-MAX_GRID_CLASSES = 30
-"""Up to this many classes the confusion matrix shows every class; above, the most confused ones + "other"."""
-CONFUSED_CLASSES = 20
 MAX_PR_CURVES = 10
 """Up to this many classes one PR curve each; above, the worst ones by AP next to a histogram of all APs."""
 DPI = 100
@@ -30,46 +28,6 @@ def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(buffer)
     return buffer.getvalue()
-
-
-def confused_classes(confusion: torch.Tensor, top: int = CONFUSED_CLASSES) -> list[int]:
-    """Indices of the ``top`` classes with the most errors, as true class (row) plus as prediction (column)."""
-    off = confusion.clone()
-    off.fill_diagonal_(0)
-    errors = off.sum(dim=0) + off.sum(dim=1)
-    return sorted(errors.topk(min(top, len(errors))).indices.tolist())
-
-
-def reduced_confusion(confusion: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:
-    """The rows/columns of ``keep`` plus one last "other" row and column summing every other class."""
-    n = confusion.shape[0]
-    kept = set(keep)
-    rest = [i for i in range(n) if i not in kept]
-    groups = [[i] for i in keep] + [rest]
-    rows = torch.stack([confusion[g].sum(dim=0) for g in groups])  # (k+1, n)
-    return torch.stack([rows[:, g].sum(dim=1) for g in groups], dim=1)  # (k+1, k+1)
-
-
-def _draw_matrix(ax, matrix: torch.Tensor, labels: Sequence[str], title: str, value_format: str,
-                 aggregated: bool = False) -> None:
-    values = matrix.double().numpy()
-    # The other-vs-other cell dwarfs everything in an aggregated matrix: scale the colours to the rest.
-    scale = values[:-1, :].max(initial=0) if aggregated else values.max(initial=0)
-    scale = max(scale, values[:, :-1].max(initial=0)) if aggregated else scale
-    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=scale or None)
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    k = len(labels)
-    ax.set_xticks(range(k), labels, rotation=90, fontsize="small")
-    ax.set_yticks(range(k), labels, fontsize="small")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, format(values[i, j], value_format), ha="center", va="center",
-                        fontsize="medium" if k <= 8 else "x-small",
-                        color="white" if values[i, j] > scale / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
 
 
 def confusion_matrix_png(confusion: torch.Tensor, class_names: Sequence[str]) -> bytes:
@@ -88,8 +46,8 @@ def confusion_matrix_png(confusion: torch.Tensor, class_names: Sequence[str]) ->
     normalised = matrix.double() / matrix.sum(dim=1, keepdim=True).clamp(min=1).double()
     side = min(max(4.0, 1.5 + 0.45 * len(labels)), 14.0)
     figure = Figure(figsize=(2 * side + 1.5, side + 1.0), dpi=DPI)
-    _draw_matrix(figure.add_subplot(1, 2, 1), matrix, labels, "counts" + note, ".0f", aggregated)
-    _draw_matrix(figure.add_subplot(1, 2, 2), normalised, labels, "row-normalised (recall on the diagonal)", ".2f",
+    draw_matrix(figure.add_subplot(1, 2, 1), matrix, labels, "counts" + note, ".0f", aggregated)
+    draw_matrix(figure.add_subplot(1, 2, 2), normalised, labels, "row-normalised (recall on the diagonal)", ".2f",
                  aggregated)
     figure.tight_layout()
     return png_bytes(figure)
