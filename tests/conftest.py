@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Index caches of the tests' datasets go to a temporary folder (inherited by subprocesses), not ~/.cache.
+if "PVT_LIGHTNING_INDEX_CACHE" not in os.environ:
+    os.environ["PVT_LIGHTNING_INDEX_CACHE"] = tempfile.mkdtemp(prefix="pvt_lightning_index_cache_")
+    atexit.register(shutil.rmtree, os.environ["PVT_LIGHTNING_INDEX_CACHE"], ignore_errors=True)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: share the cores between the workers, do not oversubscribe
     _THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ.setdefault("OMP_NUM_THREADS", _THREADS)

@@ -34,7 +34,7 @@ def make_datamodule(config: Any, data_dir: Path, **overrides: Any):
     options = {"img_size": tuple(config.img_size), "batch_size": config.batch_size,
                "num_workers": config.num_workers, "crop_pct": config.crop_pct, "bad_images": config.bad_images,
                "max_image_pixels": config.max_image_pixels, "augment": getattr(config, "augment", None) or "basic"}
-    optional = ("val_split", "seed", "verify_images", "augment_device")
+    optional = ("val_split", "seed", "verify_images", "augment_device", "classes")
     options.update({name: getattr(config, name) for name in optional if hasattr(config, name)})
     return ImageFolderDataModule(data_dir, **{**options, **overrides})
 
@@ -50,8 +50,12 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def checkpoint_filename(monitor: str) -> str:
-    """``best-epoch007-acc0.9312`` for val/acc; other metrics by their last path part, e.g. ``-recall_cat0.8``."""
-    short = re.sub(r"[^A-Za-z0-9_.-]+", "_", monitor.removeprefix("val/"))
+    """``best-epoch007-acc0.9312`` for val/acc; other metrics by their path, e.g. ``-recall_cat0.8000`` for
+    val/recall/cat, ``-recall_at_p0.90_0.8125`` for val/recall@precision0.90 (a name ending in a digit gets a ``_``
+    before the value)."""
+    short = re.sub(r"[^A-Za-z0-9_.-]+", "_", monitor.removeprefix("val/").replace("@precision", "_at_p"))
+    if short[-1:].isdigit():
+        short += "_"
     return f"best-epoch{{epoch:03d}}-{short}{{{monitor}:.4f}}"
 
 
@@ -60,6 +64,7 @@ def make_callbacks(config: TrainConfig, paths: RunPaths, class_names: list[str])
     from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 
     from pvt_lightning.training.callbacks import default_callbacks
+    from pvt_lightning.training.recall_at_precision import DEFAULT_PRECISIONS
     from pvt_lightning.training.callbacks.safety import LastCheckpointSaver, StopOnNonFiniteLoss
     from pvt_lightning.training.callbacks.throughput import FlopsUtilization
 
@@ -69,7 +74,9 @@ def make_callbacks(config: TrainConfig, paths: RunPaths, class_names: list[str])
     )
     callbacks = [checkpoint, StopOnNonFiniteLoss(),
                  LastCheckpointSaver(checkpoint, config.checkpoint_every_steps, config.checkpoint_every_minutes),
-                 *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold),
+                 *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold,
+                                    report_precisions=config.report_precision or DEFAULT_PRECISIONS,
+                                    batch_size=config.batch_size, inference_seconds=config.inference_seconds),
                  FlopsUtilization()]
     if config.early_stopping:
         callbacks.append(EarlyStopping(config.monitor, patience=config.early_stopping, mode=config.monitor_mode))
@@ -108,12 +115,19 @@ def make_trainer(config: TrainConfig, paths: RunPaths, callbacks: list[L.Callbac
         accumulate_grad_batches=config.accumulate_grad_batches, deterministic=config.deterministic,
         fast_dev_run=config.fast_dev_run or False, val_check_interval=config.val_check_interval,
         limit_train_batches=config.limit_train_batches, limit_val_batches=config.limit_val_batches,
-        log_every_n_steps=config.log_every_n_steps, benchmark=None,
+        log_every_n_steps=config.log_every_n_steps, benchmark=None, enable_progress_bar=config.progress_bar,
     )
 
 
 def checked_trainer(config: TrainConfig, **kwargs: Any) -> L.Trainer:
-    """``L.Trainer(**kwargs)``; a device, strategy or precision Lightning cannot provide is a usage error."""
+    """``L.Trainer(**kwargs)``; a device, strategy or precision Lightning cannot provide is a usage error. Its
+    terminal output is the same with or without ``rich`` (``training/terminal.py``)."""
+    from pvt_lightning.training.terminal import plain_output_callbacks, quiet_lightning
+
+    quiet_lightning()
+    kwargs["callbacks"] = plain_output_callbacks(kwargs.get("callbacks") or [],
+                                                 progress_bar=kwargs.get("enable_progress_bar") is not False,
+                                                 model_summary=kwargs.get("enable_model_summary") is not False)
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:

@@ -16,12 +16,15 @@ from typing import Any, Literal, Optional, Sequence, get_type_hints
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
+from pvt_lightning.cli.config_files import given_options
+from pvt_lightning.cli.limits import check_devices, check_numbers
 from pvt_lightning.cli.options import GROUPS, STRATEGIES, option
 from pvt_lightning.errors import UsageError
 from pvt_lightning.models import MIN_INPUT_SIZE, canonical_name
 from pvt_lightning.models.registry import is_pvt_v2
 
-__all__ = ["build_parser", "explain", "flag", "option", "parse_args", "parse_devices", "plain", "to_yaml", "validate"]
+__all__ = ["GivenOptions", "build_parser", "explain", "flag", "given_of", "option", "parse_args", "parse_devices", "plain",
+           "to_yaml", "validate"]
 
 
 def flag(name: str) -> str:
@@ -30,7 +33,8 @@ def flag(name: str) -> str:
 
 def build_parser(schema: type, prog: str = "pvt-lightning", description: str | None = None) -> ArgumentParser:
     """One flag per field of ``schema`` (a subcommand's configuration dataclass), in help sections by group."""
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    # print_config=None: our --print-config (resolved, validated values) is the only one in --help
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description, print_config=None)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of option: value (repeatable, later "
                         "files win, flags win over files)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML "
@@ -47,25 +51,57 @@ def build_parser(schema: type, prog: str = "pvt-lightning", description: str | N
         else:
             kwargs["type"] = hints[spec.name]
             if "nargs" in kwargs:  # --img-size H W: jsonargparse types each of the N values
-                kwargs["type"] = Optional[PositiveInt]
+                kwargs["type"] = Optional[_item_type(hints[spec.name])]
         group.add_argument(flag(spec.name), dest=spec.name, **kwargs)
     return parser
+
+
+def _item_type(hint: Any) -> Any:
+    """The element type of a list option (``Optional[list[PositiveInt]]`` -> ``PositiveInt``)."""
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    if getattr(hint, "__origin__", None) is list:
+        return args[0]
+    return _item_type(args[0]) if len(args) == 1 else PositiveInt
 
 
 def parse_args(schema: type, argv: Sequence[str], prog: str = "pvt-lightning", description: str | None = None):
     """Flags and YAML files -> a validated ``schema`` instance; ``None`` after ``--print-config`` printed it."""
     parser = build_parser(schema, prog, description)
     argv = list(argv)
+    fields = [spec.name for spec in dataclasses.fields(schema)]
+    flags, from_files = given_options(argv, fields)  # every --config file checked before jsonargparse reads it
     try:
         namespace = parser.parse_args(argv)
     except argparse.ArgumentError as err:
         raise UsageError(explain(err, argv, schema)) from None
-    config = schema(**{spec.name: plain(namespace[spec.name]) for spec in dataclasses.fields(schema)})
+    config = schema(**{name: plain(namespace[name]) for name in fields})
     validate(config)
+    config.given = GivenOptions(frozenset(flags), frozenset(from_files - flags))  # not a field: never a flag or key
     if namespace["print_config"]:
         print(to_yaml(config), end="")
         return None
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenOptions:
+    """Which options the user set (field names): on the command line, and only in ``--config`` files."""
+
+    flags: frozenset[str] = frozenset()
+    files: frozenset[str] = frozenset()
+
+    @property
+    def all(self) -> frozenset[str]:
+        return self.flags | self.files
+
+
+def given_of(config: Any) -> GivenOptions:
+    """The options ``parse_args`` saw set; for a configuration built in code, those that differ from the defaults."""
+    given = getattr(config, "given", None)
+    if isinstance(given, GivenOptions):
+        return given
+    changed = {spec.name for spec in dataclasses.fields(config) if getattr(config, spec.name) != spec.default}
+    return GivenOptions(frozenset(changed))
 
 
 def plain(value: Any) -> Any:
@@ -136,16 +172,20 @@ def validate(config: Any) -> None:
             config.variant = canonical_name(str(config.variant))
         except ValueError as err:
             raise UsageError(f"--variant: {err}") from None
-    if getattr(config, "img_size", None) is not None and min(config.img_size) < MIN_INPUT_SIZE:
-        raise UsageError(f"--img-size {config.img_size[0]} {config.img_size[1]}: each side must be at least "
-                         f"{MIN_INPUT_SIZE} pixels")
+    check_numbers(config)
+    size = getattr(config, "img_size", None)
+    if size is not None and len(size) != 2:
+        raise UsageError(f"--img-size {' '.join(map(str, size)) or '[]'}: give two numbers, height and width (in a "
+                         "--config file: img-size: [H, W])")
+    if size is not None and min(size) < MIN_INPUT_SIZE:
+        raise UsageError(f"--img-size {size[0]} {size[1]}: each side must be at least {MIN_INPUT_SIZE} pixels")
     if hasattr(config, "precision"):
         config.precision = str(config.precision)
     for ok, message in _checks(config):
         if not ok:
             raise UsageError(message)
     if hasattr(config, "devices"):
-        parse_devices(config.devices)
+        check_devices(parse_devices(config.devices), getattr(config, "accelerator", "auto"))
     _check_paths(config)
 
 
@@ -163,6 +203,7 @@ def _checks(config: Any) -> list[tuple[bool, str]]:
          f"--strategy {strategy}: not a Lightning strategy; choose one of: {', '.join(STRATEGIES)}"),
         (monitor.startswith("val/"), f"--monitor {monitor}: choose a validation metric such as val/acc, val/f1, "
                                      "val/loss or val/recall/<class>"),
+        *_report_precision_checks(config),
         (get("variant") is None or is_pvt_v2(config.variant) or not get("linear_sra"),
          "--linear-sra applies to PVTv2 variants, not resnet50"),
         (get("target_precision") is None or get("target_recall") is None,
@@ -174,7 +215,31 @@ def _checks(config: Any) -> list[tuple[bool, str]]:
     ]
 
 
-_PATH_OPTIONS = ("data", "pretrained", "checkpoint", "input", "operating_point")
+def _report_precision_checks(config: Any) -> list[tuple[bool, str]]:
+    """--report-precision: values with at most two decimals (tags name P with two), none repeated; a --monitor
+    val/recall@precisionP must name one of them."""
+    from pvt_lightning.tags import parse_recall_at_precision, precision_label
+    from pvt_lightning.training.recall_at_precision import DEFAULT_PRECISIONS, check_precisions
+
+    if not hasattr(config, "report_precision"):
+        return []
+    values = config.report_precision or DEFAULT_PRECISIONS
+    try:
+        check_precisions(values)
+        problem = None
+    except ValueError as err:
+        problem = str(err)
+    monitored = parse_recall_at_precision(getattr(config, "monitor", "") or "")
+    labels = {precision_label(float(p)) for p in values}
+    return [
+        (problem is None, f"--report-precision {' '.join(f'{float(p):g}' for p in values)}: {problem}"),
+        (monitored is None or precision_label(monitored[0]) in labels,
+         f"--monitor {getattr(config, 'monitor', '')}: precision {monitored and precision_label(monitored[0])} is not "
+         f"reported; add it to --report-precision (now {', '.join(sorted(labels))})"),
+    ]
+
+
+_PATH_OPTIONS = ("data", "classes", "pretrained", "checkpoint", "input", "operating_point")
 
 
 def _check_paths(config: Any) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from pvt_lightning.cli.assemble import inference_trainer, make_datamodule, say, with_checkpoint_preprocessing
 from pvt_lightning.cli.config import require
+from pvt_lightning.cli.limits import check_exported_size
 from pvt_lightning.cli.options import EvaluateConfig
 from pvt_lightning.data.demo import ensure_demo_dataset
 from pvt_lightning.errors import DataError, UsageError
@@ -17,7 +18,7 @@ from pvt_lightning.evaluation.collect import LogitCollector, gather_predictions
 from pvt_lightning.evaluation.operating_point import OperatingPoint
 from pvt_lightning.evaluation.report import (check_outputs, evaluation_file_names, evaluation_files, headline_metrics,
                                              summary_lines, write_outputs)
-from pvt_lightning.export.runtime import load_classifier
+from pvt_lightning.export.runtime import load_predictor
 from pvt_lightning.runs.io import check_output, write_file
 from pvt_lightning.runs.rundir import version_dir_of
 
@@ -25,7 +26,7 @@ CONFIG = EvaluateConfig
 
 
 def evaluate(config: EvaluateConfig) -> int:
-    """``evaluate --checkpoint CKPT``: logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
+    """``evaluate --checkpoint CKPT`` (a .ckpt, .onnx or .pt2): logits of ``--split`` through ``trainer.predict``, then the report, per-class CSV,
     predictions, plots and (with a target) ``operating_point.json`` in ``--output-dir``; ``--output`` also gets
     the macro figures as JSON under the tags training logs (``val/acc``...)."""
 
@@ -35,14 +36,15 @@ def evaluate(config: EvaluateConfig) -> int:
     output_dir = check_outputs(config.output_dir or default_evaluation_dir(checkpoint, config.split),
                                evaluation_file_names(targeted), config.overwrite)
     output = check_output(config.output, config.overwrite) if config.output else None
-    module = load_classifier(checkpoint)
+    module = load_predictor(checkpoint)  # a .ckpt, or an exported .onnx / .pt2 as predict takes them
+    check_exported_size(module, config.img_size, checkpoint)
     config, preprocessing = with_checkpoint_preprocessing(config, module)
     data_dir = data_folder(config)
     class_names = list(module.hparams.class_names)
     point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
-    # test/ is a folder of its own; val may be a held-out fraction of one folder, which predict_dataloader covers.
+    # predict_dataloader covers --split of any layout: folders, a held-out fraction, manifests, shards.
     datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
-                                 predict_dir=data_dir / "test" if config.split == "test" else None)
+                                 predict_split=config.split)
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
@@ -60,8 +62,12 @@ def evaluate(config: EvaluateConfig) -> int:
              "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
     report, files = evaluation_files(logits[keep], targets, paths, class_names, calibrate=config.calibrate,
                                      target_precision=config.target_precision, target_recall=config.target_recall,
-                                     operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra)
+                                     operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra,
+                                     report_precisions=config.report_precision)
+    replacing = config.overwrite and (output_dir / "report.json").is_file()
     write_outputs(output_dir, files, config.overwrite)
+    if replacing:  # an earlier evaluation's files that this one does not write would mix with its report
+        remove_stale_files(output_dir, files, keep=config.operating_point)
     if output is not None:
         write_file(output, json.dumps(headline_metrics(report), indent=2) + "\n", overwrite=config.overwrite)
     for line in summary_lines(report):
@@ -72,6 +78,21 @@ def evaluate(config: EvaluateConfig) -> int:
         say(f"Apply it: pvt-lightning predict --input DIR --checkpoint {checkpoint} --operating-point "
             f"{output_dir / 'operating_point.json'}")
     return 0
+
+
+def remove_stale_files(output_dir: Path, written, keep: str | None = None) -> list[str]:
+    """Remove the files an evaluation writes (known names only) that this evaluation did not write, except ``keep``
+    (the --operating-point file being measured may live there)."""
+    kept = Path(keep).expanduser().resolve() if keep else None
+    removed = []
+    for name in evaluation_file_names(True):
+        path = output_dir / name
+        if name not in written and path.is_file() and path.resolve() != kept:
+            path.unlink()
+            removed.append(name)
+    if removed:
+        say(f"Removed {', '.join(removed)} of the earlier evaluation in {output_dir} (this one does not write them)")
+    return removed
 
 
 def default_evaluation_dir(checkpoint: Path, split: str) -> Path:

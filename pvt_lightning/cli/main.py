@@ -35,8 +35,12 @@ SUBCOMMANDS = {command.name: command for command in [
                "exported model, into a CSV"),
     Subcommand("export", "pvt_lightning.cli.export", "export a checkpoint or a variant to ONNX or torch.export "
                "(.pt2), checked against the model"),
+    Subcommand("shards", "pvt_lightning.cli.shards", "convert an image-folder or manifest dataset into LitData "
+               "shards that --data DIR trains, evaluates and predicts from"),
     Subcommand("compare", "pvt_lightning.cli.compare", "compare runs side by side: a table (Markdown, CSV) and "
                "plots of their curves"),
+    Subcommand("speed", "pvt_lightning.cli.speed", "re-measure the inference speed of a checkpoint (and its "
+               "exported files) on this machine, recorded next to its run"),
 ]}
 """Every subcommand; its module is imported only when it runs, so ``--help`` stays fast and extras optional."""
 

@@ -20,6 +20,7 @@ from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegati
 
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from pvt_lightning.models import VARIANTS
+from pvt_lightning.tags import VAL_ACC
 from pvt_lightning.training.recipes import RECIPE_NAMES
 
 FractionBelowOne = restricted_number_type("FractionBelowOne", float, [(">=", 0), ("<", 1)])
@@ -95,7 +96,11 @@ class DataOptions:
     """Where the labelled images are."""
 
     data: Optional[str] = option(None, "ImageFolder root with train/ and val/ (optional test/) class folders, or "
-                                 "one class-folder root with --val-split; omitted: the built-in demo dataset", "data")
+                                 "one class-folder root with --val-split, or a manifest train.csv / .parquet "
+                                 "(path,label[,split]; val.csv, test.csv beside it), or a shards folder "
+                                 "(pvt-lightning shards); omitted: the built-in demo dataset", "data")
+    classes: Optional[str] = option(None, "classes file, one name per line: the class order, or a subset (images "
+                                    "of other classes are counted and skipped)", "data", metavar="FILE")
     val_split: Optional[OpenUnitInterval] = option(None, "fraction held out for validation (stratified, seeded) "
                                                    "when --data has no val/ folder", "data")
     seed: int = option(0, "random seed (data split, init, augmentation)", "data")
@@ -134,7 +139,8 @@ class RecipeOptions:
     base_lr: Optional[PositiveFloat] = option(None, "learning rate per 512 images of total batch (default: the "
                                               "recipe's, 5e-4 in the paper recipe)", "recipe")
     weight_decay: Optional[NonNegativeFloat] = option(None, "AdamW weight decay, not on norms and biases", "recipe")
-    warmup_epochs: Optional[NonNegativeFloat] = option(None, "linear warm-up before the cosine decay", "recipe")
+    warmup_epochs: Optional[NonNegativeFloat] = option(None, "linear warm-up before the cosine decay (one as long "
+                                                       "as the run is cut to 1/4 of it)", "recipe")
     label_smoothing: Optional[FractionBelowOne] = option(None, "cross-entropy label smoothing", "recipe")
     mixup: Optional[NonNegativeFloat] = option(None, "MixUp alpha (0 = off)", "recipe")
     cutmix: Optional[NonNegativeFloat] = option(None, "CutMix alpha (0 = off)", "recipe")
@@ -194,6 +200,8 @@ class TrainerOptions:
     fast_dev_run: NonNegativeInt = option(0, "smoke test: run N train/val batches, no checkpoints (0 = off)",
                                           "trainer")
     log_every_n_steps: PositiveInt = option(10, "how often the progress bar and step logs update", "trainer")
+    progress_bar: bool = option(True, "tqdm progress bars; --no-progress-bar: one line per epoch only (logs, "
+                                "notebooks)", "trainer")
     limit_train_batches: Optional[BatchLimit] = option(None, "batches (int) or fraction (float) of each training "
                                                        "epoch", "trainer")
     limit_val_batches: Optional[BatchLimit] = option(None, "same, for validation", "trainer")
@@ -207,9 +215,11 @@ class RunOptions:
     name: Optional[str] = option(None, "run name (default: variant, li, HxW, e.g. b2_li_384x224)", "run")
     logger: Literal["tensorboard", "csv"] = option("tensorboard", "tensorboard event files, or Lightning's "
                                                    "metrics.csv", "run")
-    resume: Optional[str] = option(None, "continue a run from its checkpoint, in the same version folder; 'last' "
-                                   "= newest last.ckpt of the run --name", "run", metavar="PATH|last")
-    monitor: str = option("val/acc", "metric that picks the best checkpoint: any logged val/... tag, e.g. val/f1 "
+    resume: Optional[str] = option(None, "continue a run from its checkpoint, in the same version folder, with its "
+                                   "saved settings (hparams.yaml); only flags like --epochs, --max-steps, --devices "
+                                   "may change (docs/resume.md); 'last' = newest last.ckpt of the run --name", "run",
+                                   metavar="PATH|last")
+    monitor: str = option(VAL_ACC, "metric that picks the best checkpoint: any logged val/... tag, e.g. val/f1 "
                           "or val/recall/<class>", "run")
     monitor_mode: Literal["max", "min"] = option("max", "whether larger or smaller --monitor is better", "run")
     early_stopping: NonNegativeInt = option(0, "stop after N epochs without --monitor improving (0 = off)", "run")
@@ -219,13 +229,20 @@ class RunOptions:
                                                         "(0 = off); SIGTERM always saves it", "run")
     positive_class: Optional[str] = option(None, "also report precision/recall of this class (one-vs-rest)", "run")
     threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class", "run")
+    report_precision: Optional[list[ClosedUnitInterval]] = option(
+        None, "every validation epoch, per class the highest recall with at least this precision (one-vs-rest), "
+        "logged as val/recall@precision0.90[/<class>]; several values allowed, at most two decimals each (default: "
+        "0.9)", "run", nargs="+", metavar="P")
+    inference_seconds: NonNegativeFloat = option(3.0, "at the end of training, measure inference speed (batch "
+                                                 "size and batch 1) for this many seconds; 0 = off", "run")
 
 
 @dataclass
 class EvaluateOptions:
     """Evaluating a trained checkpoint on one split of labelled data."""
 
-    checkpoint: Optional[str] = option(None, "the .ckpt to evaluate (required)", "evaluate", metavar="CKPT")
+    checkpoint: Optional[str] = option(None, "the .ckpt, or an exported .onnx / .pt2 file, to evaluate (required)",
+                                       "evaluate", metavar="CKPT")
     split: Literal["val", "test"] = option("val", "which split of --data", "evaluate")
     output: Optional[str] = option(None, "also write the macro metrics as JSON here", "evaluate", metavar="FILE")
     output_dir: Optional[str] = option(None, "folder for report.json, per_class.csv, predictions.csv, the plots and "
@@ -245,6 +262,9 @@ class EvaluateOptions:
                        "evaluate")
     limit_val_batches: Optional[BatchLimit] = option(None, "evaluate only this many batches (int) or this "
                                                      "fraction (float) of the split", "evaluate")
+    report_precision: Optional[list[ClosedUnitInterval]] = option(
+        None, "per class, the highest recall with at least this precision (one-vs-rest), in report.json and "
+        "per_class.csv; several values allowed (default: 0.9)", "evaluate", nargs="+", metavar="P")
 
 
 @dataclass
@@ -253,8 +273,8 @@ class PredictOptions:
 
     checkpoint: Optional[str] = option(None, "a .ckpt, or an exported .onnx / .pt2 file (required)", "predict",
                                        metavar="CKPT")
-    input: Optional[str] = option(None, "folder of images to predict, searched recursively (required)", "predict",
-                                  metavar="DIR")
+    input: Optional[str] = option(None, "folder of images to predict, searched recursively, or one image file "
+                                  "(required)", "predict", metavar="DIR|FILE")
     output: Optional[str] = option(None, "CSV path (default: predictions.csv in the checkpoint's run)", "predict",
                                    metavar="FILE")
     operating_point: Optional[str] = option(None, "apply this operating_point.json (temperature and per-class "

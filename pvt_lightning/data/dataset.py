@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,7 +16,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from pvt_lightning.errors import BadImageError, DataError, PATH_ERRORS, printable
-from pvt_lightning.data.folders import Sample
+from pvt_lightning.data.index import Sample, SampleIndex
 
 log = logging.getLogger("pvt_lightning.data")
 
@@ -82,7 +81,7 @@ class ImageDataset(Dataset):
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: Sequence[Sample] | SampleIndex,
         transform: Callable,
         bad_log: BadImageLog,
         bad_images: str = "skip",
@@ -95,7 +94,7 @@ class ImageDataset(Dataset):
     ) -> None:
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
-        self.samples = samples
+        self.samples = SampleIndex.of(samples)  # arrays: workers' memory stays flat (index.py)
         self.transform = transform
         self.bad_log = bad_log
         self.bad_images = bad_images
@@ -106,7 +105,7 @@ class ImageDataset(Dataset):
         self.split = split
         self.class_names = list(class_names) if class_names is not None else None
         self._known_bad: set[int] = set()
-        self._paths_by_label: dict[int, list[str]] | None = None
+        self._paths_by_label: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,19 +123,17 @@ class ImageDataset(Dataset):
                                     "replace the file, or use bad_images='skip' to skip unreadable files") from None
                 self._known_bad.add(candidate)
                 if self.bad_log.add(error):
-                    self._check_class_left(self.samples[candidate][1])
+                    self._check_class_left(int(self.samples.labels[candidate]))
                 if not self.replace_bad:
                     return None
         raise DataError(f"{_MAX_REPLACEMENTS} images in a row failed to decode near "
-                        f"{printable(self.samples[index][0])} in the {self.split or 'data'} split; the dataset looks "
+                        f"{printable(self.samples.path(index))} in the {self.split or 'data'} split; the dataset looks "
                         f"broken ({self.bad_log.where()})")
 
     def _check_class_left(self, label: int) -> None:
         """DataError if every image of ``label`` is now known to be bad (read from the log all workers share)."""
-        if self._paths_by_label is None:
-            self._paths_by_label = defaultdict(list)
-            for path, sample_label in self.samples:
-                self._paths_by_label[sample_label].append(path)
+        if label not in self._paths_by_label:
+            self._paths_by_label[label] = [self.samples.path(i) for i in np.flatnonzero(self.samples.labels == label)]
         paths = self._paths_by_label[label]
         if not set(paths) <= set(self.bad_log.paths()):
             return
@@ -148,9 +145,13 @@ class ImageDataset(Dataset):
                         f"({folder}) are unreadable, so the class can be neither learnt nor measured; "
                         f"{self.bad_log.where()}; replace them, or remove the class folder from every split")
 
+    def read(self, index: int) -> np.ndarray:
+        """Sample ``index`` decoded to RGB uint8 (H, W, 3); BadImageError if it cannot be."""
+        return read_image(self.samples.path(index), self.min_side, self.max_pixels)
+
     def _load(self, index: int):
-        path, label = self.samples[index]
-        image = self.transform(image=read_image(path, self.min_side, self.max_pixels))["image"]  # uint8 (H, W, 3)
+        path, label = self.samples.path(index), int(self.samples.labels[index])
+        image = self.transform(image=self.read(index))["image"]  # uint8 (H, W, 3)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3, H, W), a view
         return (tensor, path) if self.with_paths else (tensor, label)
 

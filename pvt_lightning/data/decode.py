@@ -50,6 +50,12 @@ def is_image_file(path: str | Path) -> bool:
 def read_image(path: str | Path, min_side: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode the file at ``path`` to RGB uint8 (H, W, 3); ``min_side`` allows reduced JPEG decoding,
     ``max_pixels`` is the pixel budget (None: no limit)."""
+    return decode_image(read_file(path, max_pixels), min_side=min_side, name=os.fspath(path), max_pixels=max_pixels)
+
+
+def read_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
+    """The bytes of an image file, refusing (``BadImageError``) what is not a regular file, cannot be read,
+    or is larger than any image within ``max_pixels`` could be; never blocks on a FIFO."""
     name = os.fspath(path)
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
@@ -64,10 +70,9 @@ def read_image(path: str | Path, min_side: int = 0, max_pixels: int | None = DEF
             raise BadImageError(name, f"file of {info.st_size / 2**20:.0f} MiB is larger than any image within "
                                       f"the pixel budget of {max_pixels:,} pixels could be (max_image_pixels)")
         try:
-            data = file.read()
+            return file.read()
         except OSError as error:
             raise BadImageError(name, f"cannot read file ({error.strerror})") from None
-    return decode_image(data, min_side=min_side, name=name, max_pixels=max_pixels)
 
 
 def _pixels(count: int) -> str:

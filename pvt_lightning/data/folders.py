@@ -1,4 +1,4 @@
-"""Finding and checking ImageFolder datasets: class folders -> (path, class index) samples.
+"""Finding and checking ImageFolder datasets: class folders -> (path, class index) samples (a SampleIndex).
 
 Every problem a user can cause is a ``DataError`` naming the folder and the fix, raised while the
 data module is set up, i.e. before any training starts.
@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from pvt_lightning.data.decode import IMAGE_EXTENSIONS, is_image_file
+from pvt_lightning.data.index import Sample, SampleIndex
 from pvt_lightning.errors import DataError, printable
 
 log = logging.getLogger("pvt_lightning.data")
 
-Sample = tuple[str, int]
-"""(file path, class index)."""
+_EXTENSIONS = tuple(IMAGE_EXTENSIONS)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -36,36 +35,49 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
-def list_images(folder: str | Path) -> list[str]:
+def list_images(folder: str | Path, dirs: list[str] | None = None) -> list[str]:
     """All image files under ``folder``: recursively, sorted, hidden entries skipped, symlinks followed.
 
     Each real folder is scanned once: a symlink back to a folder above it (a loop) or to a folder
     already scanned is skipped with a warning, so no image is listed twice. Non-regular files with an
     image name (a FIFO called x.jpg) are listed; reading them fails, so they count as bad images.
+    ``dirs``: if given, every folder scanned is appended to it (the index cache watches their mtimes).
     """
     found: list[str] = []
-    _scan_folder(os.fspath(folder), found, seen={}, ancestors=[])
+    seen: dict[tuple[int, int], str] = {}
+    _scan_folder(os.fspath(folder), found, seen, ancestors=[])
+    if dirs is not None:
+        dirs.extend(seen.values())
     return found
 
 
 def _scan_folder(directory: str, found: list[str], seen: dict[tuple[int, int], str], ancestors: list[tuple[int, int]]):
     """Depth first, in os.walk's order: this folder's files, then each sub-folder. ``seen``: (st_dev, st_ino) -> path."""
+    files: list[str] = []
+    subfolders: list[os.DirEntry] = []
     try:
         status = os.stat(directory)
         with os.scandir(directory) as scan:
-            entries = sorted((entry for entry in scan if not entry.name.startswith(".")), key=lambda e: e.name)
+            for entry in scan:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                if name.lower().endswith(_EXTENSIONS):
+                    if not _is_dir(entry):
+                        files.append(name)
+                        continue
+                if _is_dir(entry):
+                    subfolders.append(entry)
     except OSError as error:
         log.warning("cannot list folder %s (%s); skipped", printable(directory), error.strerror)
         return
     key = (status.st_dev, status.st_ino)
     seen[key] = directory
     ancestors.append(key)
-    subfolders = []
-    for entry in entries:
-        if _is_dir(entry):
-            subfolders.append(entry)
-        elif is_image_file(entry.name):
-            found.append(os.path.join(directory, entry.name))
+    prefix = os.path.join(directory, "")
+    files.sort()
+    found.extend([prefix + name for name in files])
+    subfolders.sort(key=_name)
     for entry in subfolders:
         try:
             status = entry.stat()  # follows the symlink: the real folder's identity
@@ -83,6 +95,10 @@ def _scan_folder(directory: str, found: list[str], seen: dict[tuple[int, int], s
     ancestors.pop()
 
 
+def _name(entry: os.DirEntry) -> str:
+    return entry.name
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()  # follows symlinks
@@ -90,48 +106,69 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def scan_split(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Sample]]:
-    """Class names and samples of one class-folder root; with ``class_names``, the folders must match them."""
-    names = class_folders(root)
-    if class_names is not None and names != class_names:
-        raise DataError(
-            f"the classes in {root} differ from the training classes:\n"
-            f"  train: {', '.join(class_names)}\n  {root.name}: {', '.join(names)}\n"
-            "every split needs the same class folders (add the missing ones, even with few images)"
-        )
-    samples: list[Sample] = []
+def scan_split(root: Path, class_names: list[str] | None = None, fixed: bool = False,
+               dirs: list[str] | None = None) -> tuple[list[str], SampleIndex, dict[str, int]]:
+    """Class names, samples and skipped images ({folder: count}) of one class-folder root.
+
+    ``class_names`` with ``fixed`` (a classes file): exactly these classes in this order, each must have
+    a folder; the images of other folders are counted and skipped. Without ``fixed``, the folders must
+    be exactly ``class_names`` (the training classes). ``dirs`` collects every folder scanned.
+    """
+    folders = class_folders(root)
+    if fixed:
+        absent = [name for name in class_names if name not in folders]
+        if absent:
+            raise DataError(f"class(es) {', '.join(absent)} of the classes file have no folder in {root}; create "
+                            f"{root}/<class>/ with images, or remove them from the classes file")
+        names = list(class_names)
+    else:
+        names = folders
+        if class_names is not None and names != class_names:
+            raise DataError(
+                f"the classes in {root} differ from the training classes:\n"
+                f"  train: {', '.join(class_names)}\n  {root.name}: {', '.join(names)}\n"
+                "every split needs the same class folders (add the missing ones, even with few images)"
+            )
+    paths: list[str] = []
+    labels: list[int] = []
     for index, name in enumerate(names):
-        images = list_images(root / name)
+        images = list_images(root / name, dirs)
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"class folder {root / name} contains no images ({extensions}); add images or remove the folder")
-        samples.extend((path, index) for path in images)
-    return names, samples
+        paths += images
+        labels += [index] * len(images)
+    skipped = {name: len(list_images(root / name, dirs)) for name in folders if name not in names}
+    return names, SampleIndex.from_paths(paths, labels), skipped
 
 
-def check_enough_classes(class_names: list[str], root: Path) -> None:
+def check_enough_classes(class_names: list[str], where: Path | str) -> None:
     if len(class_names) < 2:
-        raise DataError(f"{root} has {len(class_names)} class folder ({', '.join(class_names)}); "
-                        "classification needs at least 2 classes, one folder each")
+        raise DataError(f"{where} has {len(class_names)} class ({', '.join(class_names)}); "
+                        "classification needs at least 2 classes (one folder or label each)")
 
 
-def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def stratified_split(samples: SampleIndex | list[Sample], fraction: float, seed: int) -> tuple[SampleIndex, SampleIndex]:
     """Split into (train, val), taking ``fraction`` of every class (at least one image) into val.
 
     Deterministic for a given seed and file list; classes with a single image stay in train.
     """
     if not 0.0 < fraction < 1.0:
         raise DataError(f"val_split must be a fraction between 0 and 1, got {fraction}")
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_class[sample[1]].append(sample)
+    samples = SampleIndex.of(samples)
+    by_class = np.argsort(samples.labels, kind="stable")  # sample positions grouped by class, in listing order
+    classes, counts = np.unique(samples.labels, return_counts=True)
     rng = np.random.default_rng(seed)
-    train: list[Sample] = []
-    val: list[Sample] = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        order = rng.permutation(len(members))
-        n_val = min(max(1, round(fraction * len(members))), len(members) - 1)
-        val.extend(members[i] for i in sorted(order[:n_val]))
-        train.extend(members[i] for i in sorted(order[n_val:]))
-    return train, val
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    start = 0
+    for count in counts.tolist():
+        members = by_class[start:start + count]
+        start += count
+        order = rng.permutation(count)
+        n_val = min(max(1, round(fraction * count)), count - 1)
+        val.append(members[np.sort(order[:n_val])])
+        train.append(members[np.sort(order[n_val:])])
+    empty = np.zeros(0, np.int64)
+    return (samples.take(np.concatenate(train) if train else empty),
+            samples.take(np.concatenate(val) if val else empty))

@@ -12,13 +12,15 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
 from pvt_lightning.errors import DataError
-from pvt_lightning.data.folders import Sample
+from pvt_lightning.data.index import Sample, SampleIndex
+from pvt_lightning.data.resume import ResumableEpoch
 
 SAMPLERS = ("none", "balanced", "sqrt")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -27,6 +29,8 @@ CLASS_WEIGHTS = ("none", "balanced")
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     """Images per class index, 0..num_classes-1 (classes with no image count 0)."""
+    if isinstance(samples, SampleIndex):
+        return np.bincount(samples.labels[samples.labels >= 0], minlength=num_classes)[:num_classes].tolist()
     counts = Counter(label for _, label in samples)
     return [counts.get(index, 0) for index in range(num_classes)]
 
@@ -88,7 +92,7 @@ def class_probabilities(counts: Sequence[int], policy: str) -> list[float]:
     return [m / sum(mass) for m in mass]
 
 
-class ClassBalancedSampler(DistributedSampler):
+class ClassBalancedSampler(ResumableEpoch, DistributedSampler):
     """Draws ``len(dataset)`` samples per epoch with replacement, rebalanced by class, split across DDP ranks.
 
     Each draw picks a class (``class_probabilities``), then one of its images uniformly: with
@@ -102,7 +106,7 @@ class ClassBalancedSampler(DistributedSampler):
 
     def __init__(self, labels: Sequence[int], policy: str = "balanced", num_replicas: int = 1, rank: int = 0,
                  seed: int = 0):
-        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         counts = torch.bincount(labels)
         self.policy = policy
         self.class_probs = torch.tensor(class_probabilities(counts.tolist(), policy), dtype=torch.float64)
@@ -112,13 +116,14 @@ class ClassBalancedSampler(DistributedSampler):
         # DistributedSampler only needs len() of the "dataset"; passing the ranks keeps it off torch.distributed.
         super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_order(self) -> list[int]:
+        """This rank's draws for ``self.epoch`` (iteration and the resumable state: resume.py)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         classes = torch.multinomial(self.class_probs, self.total_size, replacement=True, generator=generator)
         within = (torch.rand(self.total_size, generator=generator, dtype=torch.float64)
                   * self.class_counts[classes]).long()  # uniform in 0..n_c-1
         drawn = self.by_class[self.class_starts[classes] + within]
-        return iter(drawn[self.rank:self.total_size:self.num_replicas].tolist())
+        return drawn[self.rank:self.total_size:self.num_replicas].tolist()
 
 
 def imbalance_summary(class_names: Sequence[str], split_samples: dict[str, Sequence[Sample]],
