@@ -77,6 +77,47 @@ def pr_curve_tag(class_name: str) -> str:
     return PR_CURVE_PREFIX + class_name
 
 
+# --- recall at a fixed precision (RecallAtPrecisionReport, --report-precision) ----------------------------------
+
+RECALL_AT_PRECISION = "recall@precision"
+"""One-vs-rest, per class: the highest recall whose precision is at least P (0 where P is never reached)."""
+UNREACHED_AT_PRECISION = "unreached@precision"
+"""How many classes never reach precision P (their recall at P is reported as 0)."""
+
+
+def precision_label(precision: float) -> str:
+    """P as tags name it: two decimals, ``0.9`` -> ``"0.90"``."""
+    return f"{precision:.2f}"
+
+
+def recall_at_precision_tag(precision: float, class_name: str | None = None, stage: str = VAL) -> str:
+    """``val/recall@precision0.90`` (macro mean over classes) or ``val/recall@precision0.90/<class>``."""
+    tag = f"{stage}/{RECALL_AT_PRECISION}{precision_label(precision)}"
+    return tag if class_name is None else f"{tag}/{class_name}"
+
+
+def unreached_tag(precision: float, stage: str = VAL) -> str:
+    """``val/unreached@precision0.90``: the number of classes whose precision never reaches P."""
+    return f"{stage}/{UNREACHED_AT_PRECISION}{precision_label(precision)}"
+
+
+_RECALL_AT_PRECISION_PREFIX = f"{VAL}/{RECALL_AT_PRECISION}"
+
+
+def parse_recall_at_precision(tag: str) -> tuple[float, str | None] | None:
+    """``(P, class or None)`` of a ``val/recall@precisionP[/<class>]`` tag; None for any other tag."""
+    if not tag.startswith(_RECALL_AT_PRECISION_PREFIX):
+        return None
+    label, _, class_name = tag[len(_RECALL_AT_PRECISION_PREFIX):].partition("/")
+    try:
+        precision = float(label)
+    except ValueError:
+        return None
+    if label != precision_label(precision):
+        return None
+    return precision, class_name or None
+
+
 # --- time, throughput, FLOPs ------------------------------------------------------------------------------------
 
 TIME_TAG = "time/epoch_s"

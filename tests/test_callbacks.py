@@ -20,7 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader
@@ -138,6 +138,14 @@ def assert_metrics_match_direct(acc: EventAccumulator, model: ImageClassifier, v
     assert last_scalar(acc, "val/precision") == pytest.approx(macro_p, abs=1e-6)
     assert last_scalar(acc, "val/recall") == pytest.approx(macro_r, abs=1e-6)
     assert last_scalar(acc, "val/acc") == pytest.approx((predicted == targets).mean(), abs=1e-6)
+    # Recall at precision 0.9, one-vs-rest per class: the highest recall on scikit-learn's curve with precision >= 0.9.
+    at_precision = []
+    for i, name in enumerate(CLASSES):
+        p, r, _ = precision_recall_curve(targets == i, probs[:, i])
+        at_precision.append(r[p >= 0.9].max())
+        assert last_scalar(acc, f"val/recall@precision0.90/{name}") == pytest.approx(at_precision[-1], abs=1e-6)
+    assert last_scalar(acc, "val/recall@precision0.90") == pytest.approx(np.mean(at_precision), abs=1e-6)
+    assert last_scalar(acc, "val/unreached@precision0.90") == sum(value == 0 for value in at_precision)
     if positive_class is not None:
         index = CLASSES.index(positive_class)
         is_positive = (targets == index).astype(int)
@@ -335,6 +343,19 @@ def test_callback_attributes_for_the_summary(trained_runs):
     assert memory.memory_device == "cpu"
     assert len(memory.peaks_mb) == EPOCHS and all(peak > 50 for peak in memory.peaks_mb)
     assert memory.peaks_mb == pytest.approx([e.value for e in events(run_dir).Scalars("memory/peak_pss_mb")])
+
+
+def test_inference_speed_is_measured_at_the_end_of_training(trained_runs):
+    from pvt_lightning.training.callbacks.inference import InferenceSpeed
+    from pvt_lightning.training.inference_speed import INFERENCE_FIELDS
+
+    _, _, callbacks, _ = trained_runs["b0_32x32"]
+    result = next(c for c in callbacks if isinstance(c, InferenceSpeed)).result
+    assert tuple(result) == INFERENCE_FIELDS
+    assert result["batch_size"] == BATCH_SIZE and result["img_size"] == [IMG_SIZE, IMG_SIZE]  # the training batch
+    assert result["precision"] == "32-true" and result["device"].startswith("cpu")
+    assert result["img_s"] > 0 and result["batch1_img_s"] > 0
+    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p90"]
 
 
 def test_one_epoch_line_per_epoch(trained_runs):

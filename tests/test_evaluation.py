@@ -189,6 +189,47 @@ def test_thresholds_reach_target_precision_and_are_the_lowest_that_do(tmp_path):
         assert row["threshold"] == "" or float(row["precision_at_threshold"]) >= 0.9
 
 
+def test_recall_at_fixed_precision_equals_sklearn_and_its_columns_come_last(tmp_path):
+    from sklearn.metrics import precision_recall_curve
+
+    from pvt_lightning.evaluation.report import headline_metrics
+
+    names = ["a", "b", "c", "hopeless"]
+    logits, targets = synthetic_logits(len(names), seed=3)
+    logits[targets != 3, 3] += 3  # "hopeless" never reaches any useful precision (as above)
+    logits[targets == 3, 3] -= 10
+    report = evaluate_to(tmp_path, logits, targets, names, split="val", target_precision=0.9,
+                         report_precisions=[0.9, 0.5])
+    probs, y = logits.softmax(-1).numpy(), targets.numpy()
+    at = report["recall_at_precision"]
+    assert at["method"] == "exact" and list(at["precisions"]) == ["0.90", "0.50"]
+    for label, precision in (("0.90", 0.9), ("0.50", 0.5)):
+        expected = []
+        for i, name in enumerate(names):
+            p, r, _ = precision_recall_curve(y == i, probs[:, i])
+            expected.append(r[p >= precision].max())
+            assert at["precisions"][label]["per_class"][name] == pytest.approx(expected[-1], abs=1e-6)
+            assert report["per_class"][name][f"recall@precision{label}"] == pytest.approx(expected[-1], abs=1e-6)
+        assert at["precisions"][label]["macro"] == pytest.approx(np.mean(expected), abs=1e-6)
+        assert at["precisions"][label]["unreached"] == [n for n, v in zip(names, expected) if v == 0]
+    assert "hopeless" in at["precisions"]["0.90"]["unreached"]
+    # The same figure as the recall the operating point for --target-precision 0.9 gives (the lowest threshold with
+    # that precision), for every class that reaches it.
+    operating = report["operating_point"]
+    assert operating["unreachable"] == at["precisions"]["0.90"]["unreached"]
+    for name in names:
+        if name not in operating["unreachable"]:
+            assert operating["per_class"][name]["recall"] == pytest.approx(
+                at["precisions"]["0.90"]["per_class"][name], abs=1e-6)
+    rows = read_rows(tmp_path / "per_class.csv")
+    assert list(rows[0]) == ["class", "precision", "recall", "f1", "support", "average_precision", "threshold",
+                             "precision_at_threshold", "recall_at_threshold", "recall@precision0.90",
+                             "recall@precision0.50"]  # the old columns first, unchanged
+    assert float(rows[0]["recall@precision0.90"]) == pytest.approx(at["precisions"]["0.90"]["per_class"]["a"],
+                                                                    abs=1e-6)
+    assert headline_metrics(report)["val/recall@precision0.90"] == at["precisions"]["0.90"]["macro"]
+
+
 def test_recall_target_gives_the_highest_threshold_with_that_recall():
     logits, targets = synthetic_logits(3, seed=4)
     probs = logits.softmax(-1)

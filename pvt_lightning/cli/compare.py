@@ -1,7 +1,10 @@
 """``pvt-lightning compare``: the runs under a folder side by side, as a table (text, Markdown, CSV) and plots.
 
-Prints the table, writes ``runs.md`` and ``runs.csv`` and PNG plots of val/acc, val/recall and peak memory
-per epoch into ``--out``. ``--per-class`` adds a table per dataset (runs with the same classes): each class's
+Prints the practitioner's table (model, input, batch x devices, time per epoch, peak memory, precision /
+recall, recall at a fixed precision, accuracy, inference images/s and batch-1 latency, params, GMACs),
+writes ``runs.md`` and ``runs.csv``, PNG plots of val/acc, val/recall and peak memory per epoch, and
+``recall_vs_speed.png`` (recall at the fixed precision against inference speed, a point per run) into
+``--out``. ``--per-class`` adds a table per dataset (runs with the same classes): each class's
 precision and recall in every run, from the last validated epoch, as ``per_class.md`` and ``per_class.csv``.
 """
 
@@ -16,9 +19,11 @@ from pvt_lightning.errors import UsageError
 from pvt_lightning.runs.compare import (format_markdown, format_per_class_markdown, format_per_class_text,
                                         format_text, per_class_groups, plot_runs, runs_table, write_csv,
                                         write_per_class_csv)
+from pvt_lightning.runs.speed_plot import plot_recall_vs_speed
 from pvt_lightning.tags import MEMORY_TAGS, VAL_ACC, VAL_RECALL
 
 PLOTS = {"val_acc.png": (VAL_ACC,), "val_recall.png": (VAL_RECALL,), "memory.png": MEMORY_TAGS}
+SPEED_PLOT = "recall_vs_speed.png"
 
 
 @dataclass
@@ -51,6 +56,8 @@ def run(config: CompareConfig) -> int:
     (out / "runs.md").write_text(format_markdown(rows))
     write_csv(rows, out / "runs.csv")
     written = [name for name, tags in PLOTS.items() if plot_runs(logdir, tags, out / name, config.filter)]
+    if plot_recall_vs_speed(rows, out / SPEED_PLOT):
+        written.append(SPEED_PLOT)
     if config.per_class:
         written = per_class_tables(logdir, config.filter, out) + written
     print(f"\n{len(rows)} runs; wrote runs.md, runs.csv{''.join(', ' + name for name in written)} to {out}")

@@ -29,6 +29,8 @@ from pvt_lightning.evaluation.operating_point import (
     operating_point_report,
 )
 from pvt_lightning.runs.io import check_output, write_file
+from pvt_lightning.tags import RECALL_AT_PRECISION, precision_label, recall_at_precision_tag
+from pvt_lightning.training.recall_at_precision import DEFAULT_PRECISIONS, method_name, recall_at_precision
 
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support", "average_precision")
 MAX_PROBABILITY_COLUMNS = 100
@@ -36,18 +38,31 @@ MAX_PROBABILITY_COLUMNS = 100
 
 
 def per_class_csv(report: dict[str, Any], operating: dict[str, Any] | None = None) -> str:
-    """per_class.csv: ``class,precision,recall,f1,support,average_precision`` (+ threshold columns)."""
+    """per_class.csv: ``class,precision,recall,f1,support,average_precision`` (+ threshold columns), then one
+    ``recall@precisionP`` column per reported precision, last."""
     extra = ("threshold", "precision_at_threshold", "recall_at_threshold") if operating else ()
+    at_precision = [f"{RECALL_AT_PRECISION}{label}" for label in (report.get("recall_at_precision") or {}).get(
+        "precisions", {})]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([*PER_CLASS_COLUMNS, *extra])
+    writer.writerow([*PER_CLASS_COLUMNS, *extra, *at_precision])
     for name, m in report["per_class"].items():
         row = [name, *(_number(m[key]) for key in PER_CLASS_COLUMNS[1:])]
         if operating:
             at = operating["per_class"][name]
             row += [_number(at["threshold"]), _number(at["precision"]), _number(at["recall"])]
-        writer.writerow(row)
+        writer.writerow(row + [_number(m.get(column)) for column in at_precision])
     return out.getvalue()
+
+
+def recall_at_precision_report(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                               precisions: Sequence[float]) -> dict[str, Any]:
+    """report.json's ``recall_at_precision``: how it was computed and, per P, the macro mean and the classes that
+    never reach P (their recall counts as 0); the per-class values go into ``per_class`` as ``recall@precisionP``."""
+    results, thresholds = recall_at_precision(probs, targets, class_names, precisions)
+    return {"method": method_name(thresholds), "precisions": {
+        precision_label(r.precision): {"macro": r.macro, "unreached": r.unreached,
+                                       "per_class": dict(zip(class_names, r.per_class))} for r in results}}
 
 
 def predictions_csv(paths: Sequence[str], probs: torch.Tensor, class_names: Sequence[str],
@@ -154,13 +169,15 @@ def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequenc
                      *, calibrate: bool = False, target_precision: float | None = None,
                      target_recall: float | None = None, operating_point: OperatingPoint | None = None,
                      split: str | None = None, checkpoint: str | None = None,
-                     extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, bytes | str]]:
+                     extra: dict[str, Any] | None = None, report_precisions: Sequence[float] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, bytes | str]]:
     """The report and every file of ``--evaluate`` (name -> content), from the logits (N, C) of one split.
 
     With ``calibrate`` the temperature is fitted on this split first; with a target, per-class thresholds
     are chosen on the calibrated probabilities and ``operating_point.json`` is among the files. A given
     ``operating_point`` (chosen on another split) is applied instead: its temperature and thresholds are
-    measured on this one. Accuracy, AP, log-loss, ECE and PR curves are of the model as is (T = 1);
+    measured on this one. Accuracy, AP, log-loss, ECE, PR curves and the recall at each of ``report_precisions``
+    (``recall_at_precision``, per class as ``recall@precisionP``) are of the model as is (T = 1);
     ``calibration`` holds NLL and ECE after scaling. ``extra`` (skipped images, TTA) goes into report.json.
     """
     from pvt_lightning.evaluation.plots import confusion_matrix_png, pr_curves_png, reliability_png
@@ -173,6 +190,11 @@ def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequenc
     report = {"checkpoint": checkpoint, "split": split, **(extra or {}),
               **classification_report(logits, targets, class_names)}
     report["calibration"] = calibration_summary(logits, targets, temperature) if scaled else None
+    report["recall_at_precision"] = recall_at_precision_report(calibrated_probs(logits), targets, class_names,
+                                                               report_precisions or DEFAULT_PRECISIONS)
+    for label, at in report["recall_at_precision"]["precisions"].items():
+        for name, value in at["per_class"].items():
+            report["per_class"][name][f"{RECALL_AT_PRECISION}{label}"] = value
     if point is None and (target_precision is not None or target_recall is not None):
         target = {"precision": target_precision} if target_precision is not None else {"recall": target_recall}
         thresholds = choose_thresholds(probs, targets, class_names, target_precision, target_recall)
@@ -226,8 +248,11 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
     split = report.get("split") or "val"
     k = next(key for key in report if key.startswith("top") and key.endswith("_accuracy"))
     macro = report["macro"]
+    at_precision = {recall_at_precision_tag(float(label), stage=split): at["macro"]
+                    for label, at in (report.get("recall_at_precision") or {}).get("precisions", {}).items()}
     return {f"{split}/acc": report["accuracy"], f"{split}/acc5": report[k], f"{split}/precision": macro["precision"],
-            f"{split}/recall": macro["recall"], f"{split}/f1": macro["f1"], f"{split}/loss": report["log_loss"]}
+            f"{split}/recall": macro["recall"], f"{split}/f1": macro["f1"], f"{split}/loss": report["log_loss"],
+            **at_precision}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -237,6 +262,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"{report['num_images']} images | acc {report['accuracy']:.4f} {k.split('_')[0]} {report[k]:.4f} | "
              f"macro P {macro['precision']:.4f} R {macro['recall']:.4f} F1 {macro['f1']:.4f} AP "
              f"{_number(macro['average_precision']) or '-'} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
+    at_precision = report.get("recall_at_precision")
+    for label, at in (at_precision or {}).get("precisions", {}).items():
+        unreached = at["unreached"]
+        lines.append(f"recall at precision {label}: macro {at['macro']:.4f} ({at_precision['method']})"
+                     + (f"; {len(unreached)} classes never reach it (counted as 0): {', '.join(unreached[:10])}"
+                        + (" ..." if len(unreached) > 10 else "") if unreached else ""))
     worst = sorted(report["per_class"].items(), key=lambda item: item[1]["recall"])[:3]
     lines.append("lowest recall: " + ", ".join(f"{name} {m['recall']:.3f} (n={m['support']})" for name, m in worst))
     if report.get("calibration"):

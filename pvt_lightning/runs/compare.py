@@ -15,7 +15,8 @@ from typing import Any, Iterable, Sequence
 from pvt_lightning.models.registry import is_pvt_v2, variant_label
 from pvt_lightning.runs.tables import markdown_table, write_csv as write_table_csv
 from pvt_lightning.tags import (MEMORY_TAGS, PER_CLASS_PREFIXES, POSITIVE_PREFIXES, PRECISION, TIME_TAG, VAL_ACC,
-                                VAL_PRECISION, VAL_RECALL, memory_device, positive_class_tags)
+                                VAL_PRECISION, VAL_RECALL, memory_device, parse_recall_at_precision,
+                                positive_class_tags, precision_label, recall_at_precision_tag)
 
 SUMMARY_FILE = "summary.json"
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -23,8 +24,13 @@ METRICS_CSV = "metrics.csv"
 """What ``--logger csv`` writes instead of event files (Lightning's CSVLogger)."""
 
 COLUMNS = ("run", "model", "input", "params_m", "gmacs", "epoch_time_s", "peak_memory_mb", "memory_device",
-           "precision", "recall", "pr_of", "accuracy", "best_epoch", "epochs")
-"""Keys of a ``runs_table`` row; ``pr_of`` is "macro" or the positive class the precision/recall are of."""
+           "precision", "recall", "pr_of", "accuracy", "best_epoch", "epochs", "batch_size", "devices",
+           "recall_at_precision", "at_precision", "recall_at_precision_of", "inference_img_s", "batch1_img_s",
+           "latency_ms_p50", "latency_ms_p90", "inference_device")
+"""Keys of a ``runs_table`` row; ``pr_of`` is "macro" or the positive class the precision/recall are of;
+``recall_at_precision`` is the recall at precision ``at_precision`` (the run's first ``--report-precision``) of
+``recall_at_precision_of`` (likewise); ``inference_*``, ``batch1_img_s`` and ``latency_*`` come from
+summary.json's ``inference`` block (measured where the run trained)."""
 
 Series = list[tuple[int, float]]
 
@@ -144,7 +150,40 @@ def run_row(run_dir: str | Path, logdir: str | Path | None = None) -> dict[str, 
     if positive:
         row.update(precision=_last(scalars[positive[0]]), recall=_last(scalars[positive[1]]),
                    pr_of=positive[0].rsplit("/", 1)[1])
+    inference = summary.get("inference") or {}
+    row.update(batch_size=summary.get("batch_size"), devices=summary.get("world_size"),
+               **recall_at_fixed_precision(summary, scalars, summary.get("positive_class") or (
+                   positive[0].rsplit("/", 1)[1] if positive else None)),
+               inference_img_s=inference.get("img_s"), batch1_img_s=inference.get("batch1_img_s"),
+               latency_ms_p50=inference.get("latency_ms_p50"), latency_ms_p90=inference.get("latency_ms_p90"),
+               inference_device=inference.get("device"))
     return row
+
+
+def first_precision(summary: dict[str, Any], scalars: dict[str, Series]) -> float | None:
+    """The precision a run's recall-at-precision figures are compared at: its first ``--report-precision``
+    (summary.json), else the lowest it logged; None if it logged none."""
+    precisions = (summary.get("recall_at_precision") or {}).get("precisions") or sorted(
+        {parsed[0] for tag in [*(summary.get("metrics") or {}), *scalars]
+         if (parsed := parse_recall_at_precision(tag))})
+    return float(precisions[0]) if precisions else None
+
+
+def recall_at_fixed_precision(summary: dict[str, Any], scalars: dict[str, Series],
+                              positive_class: str | None) -> dict[str, Any]:
+    """The row's ``recall_at_precision``, ``at_precision`` and ``recall_at_precision_of``: at the run's first
+    reported precision (summary.json's, else the lowest logged), of the positive class where the run had one,
+    else macro; from summary.json's final ``metrics``, else the last logged value."""
+    metrics = summary.get("metrics") or {}
+    p = first_precision(summary, scalars)
+    if p is None:
+        return {"recall_at_precision": None, "at_precision": None, "recall_at_precision_of": None}
+    for of in ([positive_class] if positive_class else []) + [None]:
+        tag = recall_at_precision_tag(p, of)
+        value = metrics.get(tag, _last(epoch_series(scalars, tag)))
+        if value is not None:
+            return {"recall_at_precision": value, "at_precision": p, "recall_at_precision_of": of or "macro"}
+    return {"recall_at_precision": None, "at_precision": p, "recall_at_precision_of": None}
 
 
 def runs_table(logdir: str | Path, filter: str | None = None) -> list[dict[str, Any]]:
@@ -169,20 +208,41 @@ def _memory(row: dict[str, Any]) -> str:
     return f"{row['peak_memory_mb']:.0f} MB {where}".rstrip()
 
 
+def _batch(row: dict[str, Any]) -> str:
+    if row.get("batch_size") is None:
+        return "-"
+    return f"{row['batch_size']} x {row['devices'] if row.get('devices') is not None else '?'}"
+
+
+def _at_precision(row: dict[str, Any]) -> str:
+    """``87.5 @P0.90`` (macro) or ``87.5 @P0.90 (cat)`` (the positive class)."""
+    if row.get("recall_at_precision") is None:
+        return "-"
+    text = f"{_percent(row['recall_at_precision'])} @P{precision_label(row['at_precision'])}"
+    return text if row["recall_at_precision_of"] == "macro" else f"{text} ({row['recall_at_precision_of']})"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 def display_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells of the seed's table (percentages, minutes, MB)."""
-    header = ["model", "input", "params (M)", "GMACs", "time / epoch", "peak memory", "precision / recall",
-              "accuracy", "best epoch", "run"]
+    """Header and formatted cells of the practitioner's table (percentages, minutes, MB, images/s, ms)."""
+    header = ["model", "input", "batch x devices", "time / epoch", "peak memory", "precision / recall",
+              "recall @ precision", "accuracy", "inference img/s", "batch-1 latency", "params (M)", "GMACs",
+              "best epoch", "run"]
     cells = []
     for row in rows:
         pr = f"{_percent(row['precision'])} / {_percent(row['recall'])}"
         if row["pr_of"] != "macro":
             pr += f" ({row['pr_of']})"
+        latency = row.get("latency_ms_p50")
         cells.append([
-            row["model"] or "?", row["input"] or "?",
+            row["model"] or "?", row["input"] or "?", _batch(row),
+            _duration(row["epoch_time_s"]), _memory(row), pr, _at_precision(row), _percent(row["accuracy"]),
+            _rate(row.get("inference_img_s")), "-" if latency is None else f"{latency:.1f} ms",
             "-" if row["params_m"] is None else f"{row['params_m']:.2f}",
             "-" if row["gmacs"] is None else f"{row['gmacs']:.3f}",
-            _duration(row["epoch_time_s"]), _memory(row), pr, _percent(row["accuracy"]),
             "-" if row["best_epoch"] is None else str(row["best_epoch"]), row["run"],
         ])
     return header, cells
@@ -239,18 +299,27 @@ def plot_runs(logdir: str | Path, tags: Sequence[str], out_path: str | Path, fil
 
 # --- per-class precision and recall --------------------------------------------------------------------------
 
-PER_CLASS_COLUMNS = ("run", "class", "precision", "recall")
+PER_CLASS_COLUMNS = ("run", "class", "precision", "recall", "recall_at_precision", "at_precision")
+PER_CLASS_LABELS = {"precision": "P", "recall": "R", "recall_at_precision": "R@P"}
 
 
 def per_class_values(run_dir: str | Path, scalars: dict[str, Series] | None = None) -> dict[str, dict[str, float]]:
-    """``{class: {"precision": p, "recall": r}}`` at the run's last validated epoch, in its class order."""
+    """``{class: {"precision": p, "recall": r, "recall_at_precision": q, "at_precision": P}}`` at the run's last
+    validated epoch, in its class order (the last two where the run logged recall at a fixed precision)."""
     scalars = load_scalars(run_dir) if scalars is None else scalars
+    summary = load_summary(run_dir)
+    prefixes = dict(PER_CLASS_PREFIXES)
+    at = first_precision(summary, scalars)
+    if at is not None:
+        prefixes["recall_at_precision"] = recall_at_precision_tag(at) + "/"
     values: dict[str, dict[str, float]] = {}
-    for metric, prefix in PER_CLASS_PREFIXES.items():
+    for metric, prefix in prefixes.items():
         for tag, series in scalars.items():
             if tag.startswith(prefix) and series:
                 values.setdefault(tag[len(prefix):], {})[metric] = series[-1][1]
-    order = load_summary(run_dir).get("class_names") or sorted(values)
+                if metric == "recall_at_precision":
+                    values[tag[len(prefix):]]["at_precision"] = at
+    order = summary.get("class_names") or sorted(values)
     return {name: values[name] for name in order if name in values}
 
 
@@ -282,10 +351,17 @@ def per_class_rows(group: dict[str, Any], limit: int | None = None) -> tuple[lis
             return min(v[name].get("recall", float("inf")) for v in runs.values())
 
         classes = sorted(classes, key=worst)[:limit]
-    header = ["class"] + [f"{label} {run}" for run in runs for label in ("P", "R")]
-    cells = [[name] + [_percent(runs[run][name].get(metric)) for run in runs for metric in ("precision", "recall")]
+    shown = {run: [m for m in PER_CLASS_LABELS if any(m in v for v in values.values())] for run, values in runs.items()}
+    header = ["class"] + [f"{_per_class_label(metric, runs[run])} {run}" for run in runs for metric in shown[run]]
+    cells = [[name] + [_percent(runs[run][name].get(metric)) for run in runs for metric in shown[run]]
              for name in classes]
     return header, cells, cut
+
+
+def _per_class_label(metric: str, values: dict[str, dict[str, float]]) -> str:
+    """P, R, or R@P0.90 (the run's precision)."""
+    at = next((v["at_precision"] for v in values.values() if "at_precision" in v), None)
+    return PER_CLASS_LABELS[metric] + (precision_label(at) if metric == "recall_at_precision" else "")
 
 
 def format_per_class_markdown(groups: Sequence[dict[str, Any]]) -> str:
@@ -295,7 +371,7 @@ def format_per_class_markdown(groups: Sequence[dict[str, Any]]) -> str:
         header, cells, _ = per_class_rows(group)
         title = (f"{len(group['runs'])} runs on {len(group['classes'])} classes "
                  f"({', '.join(group['classes'][:5])}{', ...' if len(group['classes']) > 5 else ''}); "
-                 "precision / recall in % at the last validated epoch")
+                 "precision / recall (and recall at a fixed precision) in % at the last validated epoch")
         parts.append(title + "\n\n" + markdown_table(cells, header, fmt=str))
     return "\n".join(parts)
 

@@ -12,7 +12,9 @@ from typing import Any
 import lightning as L
 
 from pvt_lightning import tags
+from pvt_lightning.training.callbacks.inference import InferenceSpeed
 from pvt_lightning.training.callbacks.memory import MemoryMonitor
+from pvt_lightning.training.callbacks.recall_at_precision import RecallAtPrecisionReport
 from pvt_lightning.training.callbacks.timing import EpochTimer
 
 
@@ -39,6 +41,25 @@ def run_figures(trainer: L.Trainer) -> dict[str, Any]:
     return figures
 
 
+def recall_at_precision_figures(trainer: L.Trainer, metrics: dict, best: dict) -> dict[str, Any]:
+    """Recall at each fixed precision, macro (and of the positive class), into ``metrics`` (last validated epoch)
+    and ``best`` (the best epoch's, where this fit validated it); returns the ``recall_at_precision`` block."""
+    report = next((c for c in trainer.callbacks if isinstance(c, RecallAtPrecisionReport)), None)
+    if report is None:
+        return {}
+    kept = report.summary_tags()
+    metrics.update({tag: float(v) for tag, v in trainer.callback_metrics.items() if tag in kept})
+    at_best = report.history.get(best["epoch"], {})
+    best.update({tag: at_best.get(tag) for tag in kept})
+    return {"recall_at_precision": report.summary()}
+
+
+def inference_figures(trainer: L.Trainer) -> dict[str, Any]:
+    """summary.json's ``inference`` block (``training/inference_speed.INFERENCE_FIELDS``; None if not measured)."""
+    probe = next((c for c in trainer.callbacks if isinstance(c, InferenceSpeed)), None)
+    return {"inference": probe.result if probe is not None else None}
+
+
 def build_summary(trainer, module, datamodule, checkpoint, complexity, config, recipe) -> dict[str, Any]:
     """summary.json: the run's final figures (field names are a contract other tools read)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in tags.SUMMARY_METRICS}
@@ -48,6 +69,7 @@ def build_summary(trainer, module, datamodule, checkpoint, complexity, config, r
     best = {"epoch": best_epoch, "metric": config.monitor, "mode": config.monitor_mode, "value": best_score}
     if config.monitor == tags.VAL_ACC:
         best[tags.VAL_ACC] = best_score
+    fixed_precision = recall_at_precision_figures(trainer, metrics, best)
     return {
         "variant": config.variant, "linear_sra": module.linear_sra_enabled, "img_size": list(config.img_size),
         "num_classes": datamodule.num_classes, "class_names": list(datamodule.class_names),
@@ -60,4 +82,5 @@ def build_summary(trainer, module, datamodule, checkpoint, complexity, config, r
         "precision": str(trainer.precision), "batch_size": config.batch_size, "world_size": trainer.world_size,
         "accumulate_grad_batches": config.accumulate_grad_batches, "lr": config.lr,
         "recipe": recipe.name, "positive_class": config.positive_class,
+        **fixed_precision, **inference_figures(trainer),
     }

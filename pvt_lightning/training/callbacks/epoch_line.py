@@ -17,7 +17,8 @@ MEMORY_LABELS = {tags.PEAK_PSS_MB: "peak PSS", tags.PEAK_ALLOCATED_MB: "peak all
 
 def format_epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, float], epoch_s: float | None,
                       img_s: float | None, memory: Mapping[str, float]) -> str:
-    """One line: ``epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s | ...``.
+    """One line: ``epoch 3/10 | train loss 0.812 | val acc 0.912 P 0.905 R 0.899 F1 0.901 | 41.2 s, 38.7 img/s | ...``
+    (with ``R@P0.90 0.874`` after F1 for each macro recall at a fixed precision in ``metrics``).
 
     Figures missing from ``metrics`` (no validation this epoch) are left out of the line.
     """
@@ -25,9 +26,12 @@ def format_epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, 
     if tags.TRAIN_LOSS in metrics:
         parts.append(f"train loss {metrics[tags.TRAIN_LOSS]:.3f}")
     if tags.VAL_ACC in metrics:
+        at_precision = [(parsed[0], tag) for tag in metrics
+                        if (parsed := tags.parse_recall_at_precision(tag)) and parsed[1] is None]
         parts.append(" ".join([f"val acc {metrics[tags.VAL_ACC]:.3f}"] + [
             f"{label} {metrics[tag]:.3f}" for label, tag in
-            (("P", tags.VAL_PRECISION), ("R", tags.VAL_RECALL), ("F1", tags.VAL_F1)) if tag in metrics]))
+            (("P", tags.VAL_PRECISION), ("R", tags.VAL_RECALL), ("F1", tags.VAL_F1)) if tag in metrics] + [
+            f"R@P{tags.precision_label(p)} {metrics[tag]:.3f}" for p, tag in sorted(at_precision)]))
     if epoch_s is not None:
         parts.append(f"{epoch_s:.1f} s, {img_s:.1f} img/s")
     if memory:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -38,9 +38,11 @@ class HParamsSummary(L.Callback):
     it writes no HParams data at all).
     """
 
-    def __init__(self, positive_class: str | None = None, threshold: float = 0.5):
+    def __init__(self, positive_class: str | None = None, threshold: float = 0.5,
+                 report_precisions: Sequence[float] = ()):
         self.positive_class = positive_class
         self.threshold = threshold
+        self.report_precisions = list(report_precisions)
         self.params: dict[str, Any] = {}
         self.metric_tags: list[str] = []
 
@@ -61,9 +63,11 @@ class HParamsSummary(L.Callback):
         if self.positive_class is not None:
             params.update(positive_class=self.positive_class, threshold=self.threshold)
         memory_tags = tags.CUDA_MEMORY_TAGS if pl_module.device.type == "cuda" else tags.CPU_MEMORY_TAGS
-        metric_tags = [*tags.HEADLINE_METRICS, tags.TIME_TAG, tags.THROUGHPUT_TAG, *memory_tags]
+        metric_tags = [*tags.HEADLINE_METRICS, *(tags.recall_at_precision_tag(p) for p in self.report_precisions),
+                       tags.TIME_TAG, tags.THROUGHPUT_TAG, *memory_tags]
         if self.positive_class is not None:
             metric_tags += tags.positive_class_tags(self.positive_class)
+            metric_tags += [tags.recall_at_precision_tag(p, self.positive_class) for p in self.report_precisions]
         self.params, self.metric_tags = params, metric_tags
         for writer in tensorboard_writers(trainer):
             file_writer = writer._get_file_writer()  # what TensorBoardLogger.log_hyperparams writes to as well
