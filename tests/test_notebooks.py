@@ -7,6 +7,7 @@ The execution tests run every notebook under ``notebooks/`` with papermill (``sm
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_FIGURES = {
     "linear_sra_ablation.ipynb": ("complexity.png", "throughput.png", "memory.png", "gain.png",
                                   "training_curves.png", "loss_curves.png"),
-    "compare_runs.ipynb": ("metrics.png", "loss.png", "speed.png", "memory.png"),
+    "compare_runs.ipynb": ("metrics.png", "loss.png", "speed.png", "memory.png", "recall_vs_speed.png"),
 }
 
 
@@ -111,6 +112,30 @@ def test_notebook_runs_in_a_kernel(path: Path, tmp_path: Path, python3_kernel: s
     assert len(shown) >= len(EXPECTED_FIGURES[path.name]), f"{len(shown)} figures shown inline"
     assert list(work.iterdir()) == [] or all(p.name.startswith(".") for p in work.iterdir()), \
         f"{path.name} wrote outside out_dir: {list(work.iterdir())}"
+    if path.name == "linear_sra_ablation.ipynb":  # its trainings echo their log into the notebook
+        assert_one_line_per_epoch(book, runs=2, epochs=2)
+
+
+PROGRESS_BAR = re.compile(r"\d+%\||it/s\]|s/it\]|Sanity Checking|Validation DataLoader|^Epoch \d+:")
+"""What a progress bar leaves in a log: percentages, rates, Lightning's stage names."""
+
+
+def printed_text(book) -> str:
+    """Everything the notebook's cells printed (stdout and stderr streams)."""
+    return "".join(output.get("text", "") for cell in book.cells if cell.cell_type == "code"
+                   for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+
+
+def assert_one_line_per_epoch(book, runs: int, epochs: int) -> None:
+    """The trainings' log shows each epoch once (the epoch line), no progress-bar refreshes, no cloud tips, no
+    unmeasured FLOPs."""
+    lines = printed_text(book).replace("\r", "\n").splitlines()
+    spam = [line for line in lines if PROGRESS_BAR.search(line)]
+    assert not spam, f"{len(spam)} progress-bar lines, e.g. {spam[:3]}"
+    epoch_lines = [line for line in lines if re.match(r"epoch \d+/\d+ \| train loss ", line)]
+    assert len(epoch_lines) == runs * epochs, epoch_lines
+    assert sum(line.startswith("Run saved to ") for line in lines) == runs
+    assert not any("💡" in line or "Total Flops" in line for line in lines)
 
 
 # --- the helpers behind the ablation notebook (fast) ------------------------------------------------------

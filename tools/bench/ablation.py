@@ -359,7 +359,9 @@ def run_cli(args: Sequence[str], echo: bool = True, timeout: float | None = None
 
     A subprocess keeps each run's state (seed, run-version environment, data-loader workers) apart
     from the caller's. With ``echo``, prints the log, keeping only the final state of progress bars.
+    The run directory is read from the files the run wrote (``run_dir_written``), not parsed from its log.
     """
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pvt_lightning.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=child_env())
     log = []
@@ -375,21 +377,45 @@ def run_cli(args: Sequence[str], echo: bool = True, timeout: float | None = None
     if proc.wait() != 0:
         tail = "\n".join(log[-30:])
         raise RuntimeError(f"training failed (exit {proc.returncode}): pvt-lightning {' '.join(args)}\n{tail}")
-    saved = [line for line in log if line.startswith("Run saved to ")]
-    if not saved:
-        raise RuntimeError("the run finished without printing its run directory:\n" + "\n".join(log[-30:]))
-    return Path(saved[-1][len("Run saved to "):].split(" | ")[0])
+    run_dir = run_dir_written(args, since=started)
+    if run_dir is None:
+        raise RuntimeError("the run finished without writing summary.json under its --logdir/--name:\n"
+                           + "\n".join(log[-30:]))
+    return run_dir
+
+
+def _flag_value(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in ``args`` (the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def run_dir_written(args: Sequence[str], since: float) -> Path | None:
+    """The newest version folder with a summary.json written since ``since`` under the ``--logdir`` (default
+    ``runs``) and ``--name`` (if given) in ``args``."""
+    root = Path(_flag_value(args, "--logdir") or "runs")
+    name = _flag_value(args, "--name")
+    root = root / name if name else root
+    written = [(path.stat().st_mtime, path.parent) for path in root.rglob("summary.json")
+               if path.stat().st_mtime >= since - 1]
+    return max(written)[1] if written else None
 
 
 def train_pair(variant: str, logdir: str | Path, data_dir: str | Path | None = None, epochs: int | None = None,
                batch_size: int | None = None, img_size: Size | None = None, limit_train_batches: int | None = None,
                limit_val_batches: int | None = None, num_workers: int | None = None,
-               extra: Sequence[str] = (), echo: bool = True) -> dict[bool, Path]:
+               extra: Sequence[str] = (), echo: bool = True, progress_bar: bool = False) -> dict[bool, Path]:
     """Train ``variant`` with linear SRA off, then on, same recipe and seed; returns {linear: run dir}.
 
     Unset arguments keep the CLI's defaults (on the demo data: its own small images and short recipe).
+    Without ``progress_bar`` the log holds one line per epoch (``--no-progress-bar``), as notebooks show it.
     """
-    common = ["--variant", variant, "--logdir", str(logdir), *extra]
+    common = ["--variant", variant, "--logdir", str(logdir), *([] if progress_bar else ["--no-progress-bar"]), *extra]
     for flag, value in (("--data", data_dir), ("--epochs", epochs), ("--batch-size", batch_size),
                         ("--limit-train-batches", limit_train_batches), ("--limit-val-batches", limit_val_batches),
                         ("--num-workers", num_workers)):
@@ -405,6 +431,6 @@ def train_pair(variant: str, logdir: str | Path, data_dir: str | Path | None = N
 
 __all__ = [
     "METRICS", "SIZES", "build_pair", "complexity_rows", "crossover", "default_variant", "findings", "gain",
-    "merge_rows", "paired", "peak_memory", "plot_gain", "plot_sweep", "ratio_table", "run_cli", "save_rows", "set_threads", "size_label", "sort_sizes", "sweep",
-    "throughput", "train_pair",
+    "merge_rows", "paired", "peak_memory", "plot_gain", "plot_sweep", "ratio_table", "run_cli", "run_dir_written",
+    "save_rows", "set_threads", "size_label", "sort_sizes", "sweep", "throughput", "train_pair",
 ]
