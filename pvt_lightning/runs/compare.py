@@ -1,4 +1,4 @@
-"""Reading runs back: run directories, ``summary.json``, TensorBoard scalars, and the seed-style table.
+"""Reading runs back: run directories, ``summary.json``, TensorBoard scalars, and the practitioner's table.
 
 A run directory is any folder under a logdir holding ``summary.json`` (written by ``run.py`` at the
 end of training) and/or TensorBoard event files (so interrupted runs still show up, from their
