@@ -14,6 +14,7 @@ from pvt_lightning.cli.limits import check_exported_size
 from pvt_lightning.cli.options import EvaluateConfig
 from pvt_lightning.data.demo import ensure_demo_dataset
 from pvt_lightning.errors import DataError, UsageError
+from pvt_lightning.evaluation.explain import write_explanations
 from pvt_lightning.evaluation.collect import LogitCollector, gather_predictions
 from pvt_lightning.evaluation.operating_point import OperatingPoint
 from pvt_lightning.evaluation.report import (check_outputs, evaluation_file_names, evaluation_files, headline_metrics,
@@ -33,8 +34,9 @@ def evaluate(config: EvaluateConfig) -> int:
     require(config, "checkpoint", command="evaluate")
     checkpoint = Path(config.checkpoint).expanduser()
     targeted = config.target_precision is not None or config.target_recall is not None
+    explained = ["explanations.png", "explanations/index.csv"] if config.explain else []
     output_dir = check_outputs(config.output_dir or default_evaluation_dir(checkpoint, config.split),
-                               evaluation_file_names(targeted), config.overwrite)
+                               evaluation_file_names(targeted) + explained, config.overwrite)
     output = check_output(config.output, config.overwrite) if config.output else None
     module = load_predictor(checkpoint)  # a .ckpt, or an exported .onnx / .pt2 as predict takes them
     check_exported_size(module, config.img_size, checkpoint)
@@ -68,6 +70,8 @@ def evaluate(config: EvaluateConfig) -> int:
     write_outputs(output_dir, files, config.overwrite)
     if replacing:  # an earlier evaluation's files that this one does not write would mix with its report
         remove_stale_files(output_dir, files, keep=config.operating_point)
+    if config.explain:
+        say(explain(config, output_dir, module, logits[keep], targets, paths, class_names, datamodule))
     if output is not None:
         write_file(output, json.dumps(headline_metrics(report), indent=2) + "\n", overwrite=config.overwrite)
     for line in summary_lines(report):
@@ -93,6 +97,15 @@ def remove_stale_files(output_dir: Path, written, keep: str | None = None) -> li
     if removed:
         say(f"Removed {', '.join(removed)} of the earlier evaluation in {output_dir} (this one does not write them)")
     return removed
+
+
+def explain(config: EvaluateConfig, output_dir: Path, module, logits, targets, paths, class_names,
+            datamodule) -> str:
+    """``--explain N``: the Grad-CAM gallery of a checkpoint's model (an exported graph has no gradients to use)."""
+    if not hasattr(module, "model"):
+        raise UsageError(f"--explain needs a training checkpoint (.ckpt); {config.checkpoint} is an exported file")
+    return write_explanations(output_dir, module.model, logits, targets, paths, class_names, config.explain,
+                              datamodule, config.overwrite)
 
 
 def default_evaluation_dir(checkpoint: Path, split: str) -> Path:

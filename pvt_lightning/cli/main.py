@@ -35,6 +35,8 @@ SUBCOMMANDS = {command.name: command for command in [
                "exported model, into a CSV"),
     Subcommand("export", "pvt_lightning.cli.export", "export a checkpoint or a variant to ONNX or torch.export "
                "(.pt2), checked against the model"),
+    Subcommand("audit", "pvt_lightning.cli.audit", "find duplicate images (within and across splits) and suspect "
+               "labels in a dataset, with a trained checkpoint"),
     Subcommand("shards", "pvt_lightning.cli.shards", "convert an image-folder or manifest dataset into LitData "
                "shards that --data DIR trains, evaluates and predicts from"),
     Subcommand("compare", "pvt_lightning.cli.compare", "compare runs side by side: a table (Markdown, CSV) and "

@@ -262,6 +262,9 @@ class EvaluateOptions:
                        "evaluate")
     limit_val_batches: Optional[BatchLimit] = option(None, "evaluate only this many batches (int) or this "
                                                      "fraction (float) of the split", "evaluate")
+    explain: NonNegativeInt = option(0, "Grad-CAM maps of the N most confident mistakes and of right and wrong "
+                                     "answers of the lowest-recall classes: explanations.png and explanations/ in "
+                                     "--output-dir (needs pvt-lightning[explain])", "evaluate", metavar="N")
     report_precision: Optional[list[ClosedUnitInterval]] = option(
         None, "per class, the highest recall with at least this precision (one-vs-rest), in report.json and "
         "per_class.csv; several values allowed (default: 0.9)", "evaluate", nargs="+", metavar="P")
