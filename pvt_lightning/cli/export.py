@@ -16,10 +16,12 @@ from typing import Literal, Optional, Sequence, Union
 from jsonargparse.typing import PositiveFloat, PositiveInt
 
 from pvt_lightning.cli.main import main as pvt_lightning_main
+from pvt_lightning.cli.limits import check_export_memory
 from pvt_lightning.cli.options import option
 from pvt_lightning.errors import UsageError
 from pvt_lightning.export.metadata import FORMATS, model_metadata
 from pvt_lightning.export.parity import TOLERANCE
+from pvt_lightning.export.quantize import quantized_export
 from pvt_lightning.export.trace import MIN_OPSET, ExportResult, export_checkpoint, export_model
 from pvt_lightning.models import MIN_INPUT_SIZE, canonical_name, create_model
 from pvt_lightning.models.registry import DEFAULT_IMG_SIZE, EVAL_CROP_PCT
@@ -55,6 +57,14 @@ class ExportConfig:
     tolerance: PositiveFloat = option(TOLERANCE, "largest |logit difference| allowed between the export and "
                                       "the model", "export")
     overwrite: bool = option(False, "replace --output if it exists", "export")
+    quantize: Optional[Literal["int8"]] = option(None, "int8: static quantization of the ONNX file, calibrated on "
+                                                 "--calibration-data, written only if the accuracy gate passes "
+                                                 "(export/quantize.py)", "export")
+    calibration_data: Optional[str] = option(None, "--quantize: ImageFolder root; a seeded sample of its train split "
+                                             "calibrates, its val split is the gate", "export", metavar="ROOT")
+    max_accuracy_drop: float = option(0.5, "--quantize: largest top-1 loss allowed on val, in points", "export")
+    max_recall_drop: float = option(1.0, "--quantize: largest loss of the macro recall at precision 0.9 on val, "
+                                    "in points", "export")
 
 
 CONFIG = ExportConfig
@@ -73,7 +83,9 @@ def check_export_config(config: ExportConfig) -> None:
 
 
 def run_export(config) -> ExportResult:
-    """Export as ``config`` (an ExportConfig) says."""
+    """Export as ``config`` (an ExportConfig) says; ``--quantize int8`` exports fp32 first, then quantizes it."""
+    if config.quantize or config.calibration_data:
+        return quantized_export(config, run_export)
     options = dict(format=config.format, dynamic=config.dynamic, batch_size=config.batch_size, opset=config.opset,
                    overwrite=config.overwrite, tolerance=config.tolerance)
     if config.checkpoint:
@@ -92,6 +104,7 @@ def run_export(config) -> ExportResult:
 def run(config: ExportConfig) -> int:
     """``pvt-lightning export``: write the file, check it against the model, say what was written."""
     check_export_config(config)
+    check_export_memory(config)  # before tracing: a size that cannot fit in memory is refused
     result = run_export(config)
     meta = result.metadata
     shape = (f"({'batch' if meta.dynamic_batch else meta.batch_size}, 3, "

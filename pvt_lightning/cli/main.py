@@ -35,6 +35,8 @@ SUBCOMMANDS = {command.name: command for command in [
                "exported model, into a CSV"),
     Subcommand("export", "pvt_lightning.cli.export", "export a checkpoint or a variant to ONNX or torch.export "
                "(.pt2), checked against the model"),
+    Subcommand("serve", "pvt_lightning.cli.serve", "serve a checkpoint or an exported model over HTTP (LitServe, "
+               "batched): POST an image to /predict"),
     Subcommand("audit", "pvt_lightning.cli.audit", "find duplicate images (within and across splits) and suspect "
                "labels in a dataset, with a trained checkpoint"),
     Subcommand("shards", "pvt_lightning.cli.shards", "convert an image-folder or manifest dataset into LitData "
