@@ -45,7 +45,7 @@ def test_chunked_neighbours_equal_the_full_similarity_matrix():
 
 
 def test_perceptual_hash_keeps_altered_copies_close_and_other_pictures_far(tmp_path):
-    from test_audit_helpers import LEAK_KINDS, leak_copy
+    from digits_faults import LEAK_KINDS, leak_copy
 
     rng = np.random.default_rng(0)
     pictures = [np.clip(cv2_blur(rng.integers(0, 256, (48, 48, 3)).astype(np.uint8)), 0, 255) for _ in range(12)]
@@ -255,7 +255,7 @@ def test_audit_finds_leaked_copies_and_flipped_labels_in_digits(tmp_path, capsys
     b0 trained 6 epochs at 32x32 (val accuracy about 0.86 against the flipped labels)."""
     import math
 
-    from test_audit_helpers import digits_with_faults
+    from digits_faults import digits_with_faults
     from pvt_lightning.cli.main import main
 
     data = tmp_path / "digits"

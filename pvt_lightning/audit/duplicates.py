@@ -110,7 +110,7 @@ def candidate_pairs(embedded: Embedded, rows: np.ndarray, neighbours: int, budge
     return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), np.int64)
 
 
-def pair_measures(embedded: Embedded, keys: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, ...]:
+def pair_measures(embedded: Embedded, keys: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, ...]:
     """Per candidate pair: embedding cosine, pHash distance and the plain correlation of the 16x16 grey
     thumbnails (a cheap, shift-tolerant pre-check before the aligned one), ``chunk`` pairs at a time."""
     similarity, distances, agreement = [], [], []
