@@ -143,7 +143,7 @@ def test_evaluate_explain_writes_real_maps_that_peak_on_the_evidence(tmp_path, c
                  for row in shown_right]  # where the gallery says the model looked, when it was right
     assert len(shown_right) >= 4 and np.mean(on_square) >= 0.5, shown_right  # chance: 0.25
     # every val image, every corner: the map of the predicted class peaks on the square when the answer is right
-    from pvt_lightning.cli.infer import load_classifier
+    from pvt_lightning.export.runtime import load_classifier
     from pvt_lightning.evaluation.explain import load_crops
 
     model = load_classifier(checkpoint).model
