@@ -334,13 +334,16 @@ def write_per_class_run(run_dir: Path, classes, precision_by_epoch: list[list[fl
         for name, value in zip(classes, values):
             writer.add_scalar(f"val/precision/{name}", value, epoch)
             writer.add_scalar(f"val/recall/{name}", value / 2, epoch)
+            writer.add_scalar(f"val/recall@precision0.90/{name}", value / 4, epoch)
         writer.add_scalar("val/positive/precision/" + classes[0], 0.123, epoch)  # must not become a class
     writer.close()
 
 
 def test_compare_per_class_reads_the_last_epoch_per_dataset(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from compare import main as compare_main
+    from pvt_lightning.cli.main import main
+
+    def compare_main(args: list[str]) -> int:  # experiments/compare.py is `pvt-lightning compare`
+        return main(["compare", *args])
 
     logdir = tmp_path / "runs"
     classes = ["cat", "dog", "rare"]
@@ -355,11 +358,15 @@ def test_compare_per_class_reads_the_last_epoch_per_dataset(tmp_path, capsys):
     assert values["b5_64x64/version_0", "rare"] == pytest.approx((0.6, 0.3))
     assert values["resnet50_64x64/version_0", "rare"] == pytest.approx((0.2, 0.1))
     assert values["other_data/version_0", "y"] == pytest.approx((0.2, 0.1))
+    at_precision = {(row["run"], row["class"]): (float(row["recall_at_precision"]), float(row["at_precision"]))
+                    for row in rows}
+    assert at_precision["b5_64x64/version_0", "rare"] == pytest.approx((0.15, 0.9))  # recall at precision 0.9
     markdown = (out / "per_class.md").read_text()
     assert markdown.count("| class |") == 2  # one table per dataset
-    assert "| rare | 60.0 | 30.0 | 20.0 | 10.0 |" in markdown or "| rare | 20.0 | 10.0 | 60.0 | 30.0 |" in markdown
+    assert ("| rare | 60.0 | 30.0 | 15.0 | 20.0 | 10.0 | 5.0 |" in markdown
+            or "| rare | 20.0 | 10.0 | 5.0 | 60.0 | 30.0 | 15.0 |" in markdown)
     printed = capsys.readouterr().out
-    assert "P b5_64x64/version_0" in printed and "rare" in printed
+    assert "P b5_64x64/version_0" in printed and "R@P0.90 b5_64x64/version_0" in printed and "rare" in printed
 
 
 # --- end to end: a checkpoint trained through the entry point, then --evaluate and --predict in-process ----------
