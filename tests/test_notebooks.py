@@ -174,3 +174,23 @@ def test_linear_sra_saves_params_everywhere_and_attention_compute_above_224():
     assert by[("448x448", True)]["gmacs"] < by[("448x448", False)]["gmacs"]
     assert abs(by[("224x224", True)]["gmacs"] - by[("224x224", False)]["gmacs"]) < 0.05
     assert crossover(rows, "gmacs") == "448x448"
+
+
+def test_the_run_folder_is_read_from_the_summary_the_run_wrote(tmp_path):
+    """run_cli's run folder: the newest version folder with a summary.json written since the run started, under the
+    --logdir / --name it was given (the log's wording, wrapped or not, does not matter)."""
+    import time
+
+    from tools.bench.ablation import run_dir_written
+
+    runs = tmp_path / "runs"
+    for version in (0, 1):
+        (runs / "b0_32x32" / f"version_{version}").mkdir(parents=True)
+    (runs / "b0_32x32" / "version_0" / "summary.json").write_text("{}")
+    os.utime(runs / "b0_32x32" / "version_0" / "summary.json", (time.time() - 600, time.time() - 600))  # earlier run
+    started = time.time()
+    (runs / "b0_32x32" / "version_1" / "summary.json").write_text("{}")
+    assert run_dir_written(["--logdir", str(runs), "--name", "b0_32x32"], started) == runs / "b0_32x32" / "version_1"
+    assert run_dir_written([f"--logdir={runs}", "--variant", "b0"], started) == runs / "b0_32x32" / "version_1"
+    assert run_dir_written(["--logdir", str(runs), "--name", "b2"], started) is None
+    assert run_dir_written(["--logdir", str(runs)], started + 3600) is None  # nothing written since
