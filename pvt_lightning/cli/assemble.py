@@ -16,6 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pvt_lightning.cli.config import parse_devices
+from pvt_lightning.cli.limits import check_devices
 from pvt_lightning.data.datamodule import default_num_workers
 from pvt_lightning.models.registry import Preprocessing
 from pvt_lightning.cli.options import TrainConfig
@@ -124,13 +125,14 @@ def checked_trainer(config: TrainConfig, **kwargs: Any) -> L.Trainer:
     terminal output is the same with or without ``rich`` (``training/terminal.py``)."""
     from pvt_lightning.training.terminal import plain_output_callbacks, quiet_lightning
 
+    check_devices(kwargs.get("devices", "auto"), kwargs.get("accelerator", "auto"))
     quiet_lightning()
     kwargs["callbacks"] = plain_output_callbacks(kwargs.get("callbacks") or [],
                                                  progress_bar=kwargs.get("enable_progress_bar") is not False,
                                                  model_summary=kwargs.get("enable_model_summary") is not False)
     try:
         return L.Trainer(**kwargs)
-    except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
+    except (MisconfigurationException, ValueError, RuntimeError, ImportError, TypeError) as err:
         raise UsageError(f"--accelerator {config.accelerator} --devices {config.devices} --strategy "
                          f"{config.strategy} --precision {config.precision}: {err}") from None
 

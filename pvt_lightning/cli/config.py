@@ -17,7 +17,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import PositiveInt
 
 from pvt_lightning.cli.config_files import given_options
-from pvt_lightning.cli.limits import check_devices, check_numbers
+from pvt_lightning.cli.limits import check_device_list, check_numbers
 from pvt_lightning.cli.options import GROUPS, STRATEGIES, option
 from pvt_lightning.errors import UsageError
 from pvt_lightning.models import MIN_INPUT_SIZE, canonical_name
@@ -185,7 +185,7 @@ def validate(config: Any) -> None:
         if not ok:
             raise UsageError(message)
     if hasattr(config, "devices"):
-        check_devices(parse_devices(config.devices), getattr(config, "accelerator", "auto"))
+        check_device_list(parse_devices(config.devices))  # against this machine: when the job starts
     _check_paths(config)
 
 

@@ -59,15 +59,19 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_devices(devices: int | str | list[int], accelerator: str) -> None:
-    """``--devices`` against this machine: GPU indices that exist, at most one CPU process per core.
-
-    Counts are devices per node, so the check holds on every node of a multi-node run alike. mps/tpu are
-    left to Lightning."""
-    import torch
-
+def check_device_list(devices: int | str | list[int]) -> None:
+    """``--devices`` as written: a list names each index once (checked when the options are parsed)."""
     if isinstance(devices, list) and len(set(devices)) != len(devices):
         raise UsageError(f"--devices {','.join(map(str, devices))}: a device is listed twice; list each index once")
+
+
+def check_devices(devices: int | str | list[int], accelerator: str) -> None:
+    """``--devices`` against this machine, when a job starts (a config file for a GPU cluster still parses on a
+    laptop): GPU indices that exist, at most one CPU process per core. Counts are devices per node, so the check
+    holds on every node of a multi-node run alike; mps/tpu are left to Lightning."""
+    import torch
+
+    check_device_list(devices)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from pvt_lightning.cli.assemble import inference_trainer, make_datamodule, say, with_checkpoint_preprocessing
 from pvt_lightning.cli.config import require
+from pvt_lightning.cli.limits import check_exported_size
 from pvt_lightning.cli.options import PredictConfig
+from pvt_lightning.data.decode import IMAGE_EXTENSIONS
+from pvt_lightning.errors import UsageError
 from pvt_lightning.evaluation.collect import LogitCollector
 from pvt_lightning.evaluation.operating_point import OperatingPoint, find_operating_point
 from pvt_lightning.evaluation.writer import PredictionCsvWriter
@@ -18,7 +21,8 @@ CONFIG = PredictConfig
 
 
 def predict(config: PredictConfig) -> int:
-    """Top-1 class, its probability and the top 5 for every image under ``--input``, as a CSV.
+    """Top-1 class, its probability and the top 5 for every image under ``--input`` (a folder, searched
+    recursively, or one image file), as a CSV.
 
     ``--operating-point FILE`` applies its temperature and thresholds (probabilities become calibrated, a
     ``decision`` column is added); without it, an ``operating_point.json`` next to the checkpoint only adds
@@ -26,6 +30,10 @@ def predict(config: PredictConfig) -> int:
     """
     require(config, "checkpoint", "input", command="predict")
     checkpoint = Path(config.checkpoint).expanduser()
+    source = Path(config.input).expanduser()
+    if source.is_file() and source.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UsageError(f"--input {config.input} is a {source.suffix or 'suffix-less'} file, not an image; give an "
+                         f"image file ({', '.join(sorted(IMAGE_EXTENSIONS))}) or a folder of images")
     run_dir = checkpoint.parent if is_exported_file(checkpoint) else checkpoint.parent.parent  # .ckpt: the run
     output = check_output(config.output or run_dir / "predictions.csv", config.overwrite)
     module = load_predictor(checkpoint)
@@ -40,13 +48,17 @@ def predict(config: PredictConfig) -> int:
         say(f"Applying {point_file}: temperature {point.temperature:.3f}, thresholds for "
             f"{len(point.thresholds) - len(point.unreachable)}/{len(point.thresholds)} classes (target "
             f"{point.target}); the others are never decided")
+    check_exported_size(module, config.img_size, checkpoint)
     config, preprocessing = with_checkpoint_preprocessing(config, module)
-    datamodule = make_datamodule(config, None, mean=preprocessing.mean, std=preprocessing.std,
-                                 predict_dir=Path(config.input).expanduser())
+    datamodule = make_datamodule(config, None, mean=preprocessing.mean, std=preprocessing.std, predict_dir=source)
     writer = PredictionCsvWriter(output, class_names, overwrite=config.overwrite, operating_point=point,
                                  apply=bool(config.operating_point))
     trainer = inference_trainer(config, callbacks=[writer])
-    trainer.predict(LogitCollector(module, config.tta), datamodule=datamodule, return_predictions=False)
+    try:
+        trainer.predict(LogitCollector(module, config.tta), datamodule=datamodule, return_predictions=False)
+    except BaseException:
+        writer.discard(trainer.world_size)  # no hidden .part files left behind
+        raise
     if trainer.is_global_zero:
         rows = writer.finish(trainer.world_size)
         say(f"Predicted {rows} images -> {output}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,18 +52,66 @@ class OperatingPoint:
                             "--target-precision P (or --target-recall R)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"operating point file {path} is not valid JSON ({err})") from None
-        ok = isinstance(raw, dict) and isinstance(raw.get("thresholds"), dict) and all(
-            t is None or isinstance(t, (int, float)) for t in raw["thresholds"].values())
-        temperature = raw.get("temperature") if isinstance(raw, dict) else None
-        if not ok or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise DataError(f"{path} is not an operating point: expected {{\"temperature\": T > 0, \"thresholds\": "
-                            f"{{class: number or null}}, ...}} as written by --evaluate --target-precision")
-        point = cls(float(temperature), {str(k): None if v is None else float(v) for k, v in raw["thresholds"].items()},
-                    raw.get("target") or {}, raw.get("split"), raw.get("checkpoint"))
-        if class_names is not None and list(point.thresholds) != list(class_names):
-            raise DataError(f"{path} has thresholds for the classes {list(point.thresholds)[:10]}, the checkpoint "
-                            f"predicts {list(class_names)[:10]}; use the operating point made for this checkpoint")
-        return point
+        except OSError as err:  # a folder, no permission
+            raise DataError(f"cannot read operating point file {path}: {err.strerror}") from None
+        target = raw.get("target") if isinstance(raw, dict) else None
+        point = cls(check_temperature(raw, path), check_thresholds(raw, path),
+                    target if isinstance(target, dict) else {}, raw.get("split"), raw.get("checkpoint"))
+        return point if class_names is None else point.for_classes(class_names, path)
+
+    def for_classes(self, class_names: Sequence[str], path: str | Path = "operating point") -> "OperatingPoint":
+        """The same point with its thresholds in the order of ``class_names`` (the model's); DataError, naming the
+        missing and extra classes, if the two sets differ."""
+        names = [str(name) for name in class_names]
+        missing = [name for name in names if name not in self.thresholds]
+        extra = [name for name in self.thresholds if name not in set(names)]
+        if missing or extra:
+            parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"extra {_names(extra)}"] if extra else [])
+            raise DataError(f"{path} does not fit this model's {len(names)} classes: {'; '.join(parts)}; use the "
+                            "operating point written for this checkpoint")
+        return replace(self, thresholds={name: self.thresholds[name] for name in names})
+
+
+TEMPERATURE_RANGE = (1e-3, 1e3)
+"""Temperatures ``--calibrate`` can fit; outside it the probabilities are all 0/1 or all equal: a broken file."""
+
+
+def _shape_error(path: Path, detail: str) -> DataError:
+    return DataError(f"{path} is not an operating point: {detail}; expected {{\"temperature\": T, \"thresholds\": "
+                     "{class: probability in [0, 1] or null}, ...}} as written by evaluate --target-precision")
+
+
+def check_temperature(raw: Any, path: Path) -> float:
+    """The file's temperature: a real number (not a bool) within ``TEMPERATURE_RANGE``."""
+    if not isinstance(raw, dict):
+        raise _shape_error(path, f"it holds a {type(raw).__name__}, not an object")
+    temperature = raw.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise _shape_error(path, f"temperature is {json.dumps(temperature)}, not a number")
+    low, high = TEMPERATURE_RANGE
+    if not (math.isfinite(temperature) and low <= temperature <= high):
+        raise _shape_error(path, f"temperature {temperature} is outside [{low:g}, {high:g}]")
+    return float(temperature)
+
+
+def check_thresholds(raw: dict, path: Path) -> dict[str, float | None]:
+    """The file's thresholds: one per class, each a probability in [0, 1] or null (never decided)."""
+    thresholds = raw.get("thresholds")
+    if not isinstance(thresholds, dict) or not thresholds:
+        raise _shape_error(path, "thresholds is not an object of class: threshold")
+    checked: dict[str, float | None] = {}
+    for name, value in thresholds.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and 0 <= value <= 1)):
+            raise _shape_error(path, f"the threshold of {name!r} is {json.dumps(value)}, not a probability in "
+                                     "[0, 1] or null")
+        checked[str(name)] = None if value is None else float(value)
+    return checked
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],

@@ -52,20 +52,37 @@ class PredictionCsvWriter(BasePredictionWriter):
         self._file.close()
         trainer.strategy.barrier("prediction parts written")
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed prediction leaves no part behind (this rank's; ``discard`` removes every rank's)."""
+        self._close()
+        self.part(trainer.global_rank).unlink(missing_ok=True)
+
+    def discard(self, world_size: int) -> None:
+        """Remove every rank's part: the prediction failed, no CSV is written."""
+        self._close()
+        for rank in range(world_size):
+            self.part(rank).unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
     def finish(self, world_size: int) -> int:
         """Join the ranks' parts (dropping the duplicates a distributed sampler pads with) into the CSV."""
 
         seen, rows = set(), 0
-        with atomic_open(self.path, "w", self.overwrite, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            out = csv.writer(f)
-            out.writerow(prediction_columns(self.class_names, self.operating_point, self.apply))
-            for rank in range(world_size):
-                part = self.part(rank)
-                with open(part, newline="", encoding="utf-8", errors="surrogateescape") as rows_in:
-                    for row in csv.reader(rows_in):
-                        if row[0] not in seen:
-                            seen.add(row[0])
-                            out.writerow(row)
-                            rows += 1
-                part.unlink()
+        try:
+            with atomic_open(self.path, "w", self.overwrite, newline="", encoding="utf-8",
+                             errors="surrogateescape") as f:
+                out = csv.writer(f)
+                out.writerow(prediction_columns(self.class_names, self.operating_point, self.apply))
+                for rank in range(world_size):
+                    with open(self.part(rank), newline="", encoding="utf-8", errors="surrogateescape") as rows_in:
+                        for row in csv.reader(rows_in):
+                            if row[0] not in seen:
+                                seen.add(row[0])
+                                out.writerow(row)
+                                rows += 1
+        finally:
+            self.discard(world_size)
         return rows

@@ -78,7 +78,9 @@ def read_state_dict_file(path: str | Path, map_location="cpu", mmap: bool = Fals
     try:
         return _torch_load(path, map_location, mmap)
     except pickle.UnpicklingError as err:
-        forbidden = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch names a refused global two ways: "Unsupported global: GLOBAL m.f was not an allowed global" and
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked": unsafe, not truncated.
+        forbidden = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
         if forbidden is None and kind == "torch":
             raise CheckpointError(f"cannot read weights file {path}: it is corrupt or truncated "
                                   f"({_last_line(err)}); copy or download it again") from None

@@ -120,6 +120,27 @@ def _architecture(variant: str, linear_sra: bool | None):
     return spec.arch
 
 
+def check_resumable_kind(info: CheckpointInfo) -> None:
+    """CheckpointError unless ``info`` is a pvt-lightning training checkpoint (the only kind a run continues)."""
+    if info.kind != TRAINING:
+        raise CheckpointError(
+            f"cannot --resume {info.path}: it is {info.describe()}, not a pvt-lightning training checkpoint, so it "
+            f"holds no optimizer state or epoch to continue from. To start a new run from its weights, pass "
+            f"--pretrained {info.path} instead of --resume")
+
+
+def training_progress(checkpoint: Mapping) -> tuple[int | None, int]:
+    """(epochs whose training part had finished, global step) of a loaded Lightning checkpoint. Lightning saves
+    last.ckpt at the end of an epoch before it marks the epoch completed, so "processed" counts it; a checkpoint
+    from mid-epoch counts only the epochs before. None: a checkpoint without loop state."""
+    step = int(checkpoint.get("global_step") or 0)
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(progress["processed"]), step
+    except (KeyError, TypeError, ValueError):
+        return None, step
+
+
 def check_resume_compatible(info: CheckpointInfo, variant: str, img_size: Sequence[int],
                             class_names: Sequence[str], linear_sra: bool | None = None) -> None:
     """CheckpointError unless a run of ``variant`` at ``img_size`` on ``class_names`` can continue from ``info``.
@@ -129,11 +150,7 @@ def check_resume_compatible(info: CheckpointInfo, variant: str, img_size: Sequen
     its weights with --pretrained instead.
     """
     path = info.path
-    if info.kind != TRAINING:
-        raise CheckpointError(
-            f"cannot --resume {path}: it is {info.describe()}, not a pvt-lightning training checkpoint, so it holds "
-            f"no optimizer state or epoch to continue from. To start a new run from its weights, pass "
-            f"--pretrained {path} instead of --resume")
+    check_resumable_kind(info)
     try:
         same_model = _architecture(info.variant, info.linear_sra) == _architecture(variant, linear_sra)
     except ValueError:  # a variant this version does not know
