@@ -45,9 +45,11 @@ class AuditSettings:
 
 
 def memory_bound(n: int, model: nn.Module, budget_bytes: int) -> int:
-    """Bytes the audit's arrays take for ``n`` images: per image the embedding, logits, hashes; plus the search budget
-    (the model, the loader's batches in flight and Python's per-record objects come on top)."""
-    per_image = 4 * model.num_features + 4 * model.num_classes + DIGEST_BYTES + PHASH_BITS // 8 + THUMBNAIL**2 + 1
+    """Bytes the audit's arrays take for ``n`` images: per image the embedding, logits, hashes, thumbnail and the
+    hash and thumbnail vectors of the neighbour search; plus the search budget (the model, the loader's batches in
+    flight, the candidate pairs and Python's per-record objects come on top)."""
+    kept = 4 * model.num_features + 4 * model.num_classes + DIGEST_BYTES + PHASH_BITS // 8 + THUMBNAIL**2 + 1
+    per_image = kept + 4 * PHASH_BITS + 4 * 256
     return n * per_image + budget_bytes
 
 

@@ -3,9 +3,10 @@
 Exact duplicates share a content hash (BLAKE2b of the file bytes); their similarity is 1. Near-duplicates
 are found in three steps:
 
-1. candidates: each image's ``neighbours`` nearest images by embedding cosine similarity and by perceptual
-   hash (Hamming distance), both by a chunked matrix product on the device (``chunk`` query rows x N at a
-   time, ``chunk = budget / (4 N)``, 256 MiB by default: no N x N matrix ever exists);
+1. candidates: each image's ``neighbours`` nearest images by embedding cosine similarity, by perceptual
+   hash (Hamming distance) and by 16x16 grey thumbnail (correlation), each by a chunked matrix product on
+   the device (``chunk`` query rows x N at a time, ``chunk = budget / (4 N)``, 256 MiB by default: no
+   N x N matrix ever exists);
 2. a candidate needs embedding similarity >= ``min_similarity`` and pHash distance <= ``max_hash_distance``
    (the cross-check): a trained classifier maps every image of a class close together, and small
    pictures of one class share hashes, so either alone pairs look-alikes that are different pictures;
@@ -99,10 +100,15 @@ def aligned_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def candidate_pairs(embedded: Embedded, rows: np.ndarray, neighbours: int, budget_bytes: int,
                     device: str | torch.device) -> np.ndarray:
-    """(M, 2) record pairs a < b: each row's nearest rows by embedding and by perceptual hash."""
+    """(M, 2) record pairs a < b: each row's nearest rows by embedding, by perceptual hash and by 16x16 thumbnail
+    (the last finds re-encoded and resized copies where a model or the hash sees many look-alikes)."""
     bits = np.unpackbits(embedded.phash[rows], axis=1).astype(np.float32) * 2 - 1
+    thumbs = np.zeros((len(rows), 256), np.float32)
+    for start in range(0, len(rows), 8192):
+        thumbs[start:start + 8192] = small_thumbnails(embedded.thumbnails[rows[start:start + 8192]])
     found = []
-    for vectors in (embedded.embeddings[torch.from_numpy(rows)], torch.from_numpy(bits) / 8.0):
+    for vectors in (embedded.embeddings[torch.from_numpy(rows)], torch.from_numpy(bits) / 8.0,
+                    torch.from_numpy(thumbs)):
         _, local = nearest_neighbours(vectors, neighbours, budget_bytes, device)
         a = np.repeat(rows, local.shape[1])
         b = rows[local.flatten().numpy()]

@@ -129,7 +129,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
              "| split pair | pairs |", "|---|---:|"]
     lines += [f"| {key} | {value} |" for key, value in dup["by_split_pair"].items()]
     labels = report["label_issues"]
-    lines += ["", "## Label issues", "", f"{labels['candidates']} candidates (confident learning), ranked by "
+    lines += ["", "## Label issues", "", f"{labels['candidates']} candidates ({labels['rule']}), ranked by "
               f"{labels['score']}. Probabilities: " + "; ".join(f"{k}: {v}" for k, v in labels["probabilities"].items()),
               "", "## Effect of leaked duplicates on held-out figures", "",
               "| split | images | leaked | accuracy all / without | macro precision | macro recall |",

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from pvt_lightning.errors import CheckpointError, UsageError
-from pvt_lightning.export.metadata import read_metadata
-from pvt_lightning.export.runtime import is_exported_file, load_classifier, load_exported
+from pvt_lightning.export.metadata import export_format, read_metadata
+from pvt_lightning.export.runtime import OnnxClassifier, is_exported_file, load_classifier, load_exported
 from pvt_lightning.models.registry import Preprocessing
 from pvt_lightning.models.weights import read_state_dict_file
 
@@ -61,12 +61,16 @@ def model_info(path: str | Path) -> ModelInfo:
     return ModelInfo(path, str(hparams.get("variant")), tuple(names), Preprocessing.from_dict(hparams))
 
 
-def load_model(path: str | Path, device: str = "cpu", threads: int | None = None) -> nn.Module:
+def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = False) -> nn.Module:
     """The classifier of ``path`` on ``device`` in eval mode, loaded as predict loads it: normalised float
     (B, 3, H, W) -> logits (B, C). ``threads``: intra-op threads of this worker; None: the library's default."""
     path = check_model_path(path)
     if threads:
         torch.set_num_threads(threads)
+    if is_exported_file(path) and export_format(path) == "onnx":
+        # Idle onnxruntime threads sleep instead of spinning: between two batches the worker waits on its queue,
+        # and spinning threads would take the CPU the HTTP processes need to decode the next requests.
+        return OnnxClassifier(path, device=device, threads=threads, spinning=spinning).eval()
     if is_exported_file(path):
         return load_exported(path, device=device, threads=threads).eval()
     return load_classifier(path).to(device)
