@@ -233,13 +233,13 @@ def test_practitioners_table_over_three_model_families(tmp_path):
     out = tmp_path / "out"
     done = compare("--logdir", str(logdir), "--out", str(out))
     assert done.returncode == 0, done.stderr
-    header, *rows = [line for line in (out / "runs.md").read_text().splitlines() if line.startswith("| ")]
+    header, *rows = [line for line in (out / "runs.md").read_text().splitlines() if line.startswith("| ")]  # no rule
     columns = [cell.strip() for cell in header.strip("|").split("|")]
     assert columns[:12] == ["model", "input", "batch x devices", "time / epoch", "peak memory", "precision / recall",
                             "recall @ precision", "accuracy", "inference img/s", "batch-1 latency", "params (M)",
                             "GMACs"]
     cells = {}
-    for row in rows[1:]:  # after the rule
+    for row in rows:
         values = [cell.strip() for cell in row.strip("|").split("|")]
         cells[values[0]] = dict(zip(columns, values))
     assert set(cells) == {"resnet50", "pvt_v2_b0", "pvt_v2_b2_li"}
