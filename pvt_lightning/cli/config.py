@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, get_type_hints
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from jsonargparse.typing import PositiveInt
@@ -69,7 +69,9 @@ def parse_args(schema: type, argv: Sequence[str], prog: str = "pvt-lightning", d
     parser = build_parser(schema, prog, description)
     argv = list(argv)
     fields = [spec.name for spec in dataclasses.fields(schema)]
-    flags, from_files = given_options(argv, fields)  # every --config file checked before jsonargparse reads it
+    hints = get_type_hints(schema)
+    lists = [name for name in fields if _list_only(hints[name])]
+    flags, from_files = given_options(argv, fields, lists)  # every --config file checked before jsonargparse reads it
     try:
         namespace = parser.parse_args(argv)
     except argparse.ArgumentError as err:
@@ -81,6 +83,12 @@ def parse_args(schema: type, argv: Sequence[str], prog: str = "pvt-lightning", d
         print(to_yaml(config), end="")
         return None
     return config
+
+
+def _list_only(hint: Any) -> bool:
+    """Whether an option takes a list and nothing else (None aside): list[...] or Optional[list[...]]."""
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is Union else [hint]
+    return bool(args) and all(get_origin(a) is list for a in args)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,9 +119,11 @@ def _one_line(err: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
-def given_options(argv: Sequence[str], fields: Sequence[str]) -> tuple[set[str], set[str]]:
+def given_options(argv: Sequence[str], fields: Sequence[str],
+                  list_fields: Sequence[str] = ()) -> tuple[set[str], set[str]]:
     """(options set by flags on the command line, options set by ``--config`` files), as field names; every
-    file is checked by ``read_config_file`` first. A flag counts whether written ``--name value``,
+    file is checked by ``read_config_file`` first, and a single value where ``list_fields`` take a list (which
+    jsonargparse reports without naming the key) is refused. A flag counts whether written ``--name value``,
     ``--name=value`` or ``--no-name``."""
     known = set(fields)
     flags = set()
@@ -135,5 +137,10 @@ def given_options(argv: Sequence[str], fields: Sequence[str]) -> tuple[set[str],
             flags.add(name)
     from_files = set()
     for file in config_file_arguments(argv):
-        from_files |= {str(key).replace("-", "_") for key in read_config_file(file)} & known
+        for key, value in read_config_file(file).items():
+            name = str(key).replace("-", "_")
+            if name in list_fields and value is not None and not isinstance(value, list):
+                raise UsageError(f"--{name.replace('_', '-')} {value}: in --config {file} give a list, e.g. "
+                                 f"{key}: [{value}]")
+            from_files |= {name} & known
     return flags, from_files
