@@ -38,7 +38,7 @@ class ServeConfig:
                                              "of the model", "serve")
     max_batch_size: PositiveInt = option(16, "dynamic batching: at most this many requests per forward pass "
                                          "(1: no batching)", "serve")
-    batch_timeout: NonNegativeFloat = option(0.005, "dynamic batching: seconds to wait for more requests once "
+    batch_timeout: NonNegativeFloat = option(0.002, "dynamic batching: seconds to wait for more requests once "
                                              "one is in", "serve", metavar="SECONDS")
     timeout: PositiveFloat = option(30.0, "seconds a request may wait in the queue before a 504", "serve",
                                     metavar="SECONDS")

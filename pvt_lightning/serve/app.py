@@ -3,7 +3,7 @@ model, 503 before) and ``GET /info`` (the model's classes and preprocessing).
 
     from pvt_lightning.serve.app import ServeSettings, serve
 
-    serve(ServeSettings("model.onnx", port=8000, max_batch_size=16, batch_timeout=0.005))
+    serve(ServeSettings("model.onnx", port=8000, max_batch_size=16, batch_timeout=0.002))
 
 The model file and the operating point are checked here, in the calling process, before any worker starts:
 a wrong file is one error message, not a worker dying at start-up.
@@ -36,7 +36,7 @@ class ServeSettings:
     devices: int | str = "auto"
     workers_per_device: int = 1
     max_batch_size: int = 16
-    batch_timeout: float = 0.005
+    batch_timeout: float = 0.002
     timeout: float = 30.0
     api_servers: int | None = None
     threads: int | None = None
@@ -67,7 +67,7 @@ def check_settings(settings: ServeSettings) -> None:
 def build_server(settings: ServeSettings):
     """The LitServer for ``settings`` (not started): model file and operating point read and checked first."""
     ls = require_litserve()
-    from pvt_lightning.evaluation.operating_point import OperatingPoint
+    from pvt_lightning.evaluation.report import OperatingPoint
     from pvt_lightning.serve.api import ClassifierAPI
     from pvt_lightning.serve.model import model_info
     from pvt_lightning.serve.preprocess import ImagePipeline
