@@ -340,6 +340,8 @@ def trap_command(workspace: Path, flag: str, how: str) -> tuple[list[str], Path]
         args = ["--evaluate", str(trap), "--data", "data", "--num-workers", "0"]
     else:
         args = [*QUICK, flag, str(trap)]
+    if flag in ("--checkpoint", "--evaluate"):  # evaluate and predict make no run folder: no --name
+        return args, marker
     return [*args, "--name", f"trapped_{slug}"], marker
 
 
