@@ -42,7 +42,7 @@ def digits_run(tmp_path_factory):
     args = ["train", "--variant", "b0", "--data", str(root / "digits"), "--img-size", "32", "32", "--batch-size", "32",
             "--num-workers", "0", "--epochs", "2", "--limit-train-batches", "4", "--accelerator", "cpu",
             "--precision", "32", "--logdir", str(root / "runs"), "--name", "digits", "--report-precision", "0.9",
-            "0.5", "--inference-seconds", "1"]
+            "0.5", "--inference-seconds", "1", "--monitor", "val/recall@precision0.50"]
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
         patch.setattr(callback_connector, "_RICH_AVAILABLE", True)  # Lightning would pick its rich bar and table
@@ -101,6 +101,12 @@ def test_summary_holds_recall_at_each_precision_and_the_inference_block(digits_r
         assert summary["metrics"][tag] == pytest.approx(scalars[tag][-1][1], abs=1e-6)  # the last epoch
         best = dict(scalars[tag])[summary["best"]["epoch"]]
         assert summary["best"][tag] == pytest.approx(best, abs=1e-6)  # the best epoch's
+    monitored = dict(scalars["val/recall@precision0.50"])  # --monitor: the best checkpoint by recall at P 0.5
+    assert summary["best"]["metric"] == "val/recall@precision0.50"
+    assert summary["best"]["value"] == pytest.approx(max(monitored.values()), abs=1e-6)
+    assert monitored[summary["best"]["epoch"]] == pytest.approx(max(monitored.values()), abs=1e-6)
+    assert Path(summary["checkpoints"]["best"]).name.startswith(
+        f"best-epoch{summary['best']['epoch']:03d}-recall_at_p0.50_")
     at = summary["recall_at_precision"]
     assert at["precisions"] == [0.9, 0.5] and at["method"] == "exact" and set(at["unreached"]) == set(PRECISIONS)
     inference = summary["inference"]
