@@ -154,8 +154,11 @@ def find_duplicates(embedded: Embedded, neighbours: int = 10, min_similarity: fl
     passed = (similarity >= min_similarity) & (distances <= max_hash_distance) & (agreement >= PREFILTER_CORRELATION)
     keys, similarity, distances = keys[passed], similarity[passed], distances[passed]
     thumbs = embedded.thumbnails
+    correlation: list[float] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV releases the GIL
-        correlation = list(pool.map(lambda k: aligned_correlation(thumbs[k[0]], thumbs[k[1]]), keys.tolist()))
+        for start in range(0, len(keys), 4096):  # map() submits every task at once: a future per pair in memory
+            batch = keys[start:start + 4096].tolist()
+            correlation += pool.map(lambda k: aligned_correlation(thumbs[k[0]], thumbs[k[1]]), batch)
     pairs = [Pair(i, j, 1.0, int(hash_distance(embedded.phash, np.array([i]), np.array([j]))[0]), True)
              for i, j in sorted(exact)]
     pairs += [Pair(int(i), int(j), float(s), int(d), False)
