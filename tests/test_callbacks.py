@@ -416,4 +416,4 @@ def test_proportional_set_size_counts_shared_pages_once():
     me = psutil.Process()
     pss = proportional_set_size(me.pid)
     assert 0 < pss <= me.memory_info().rss
-    assert process_tree_pss(me) >= pss
+    assert process_tree_pss(me) >= 0.98 * pss  # read a moment later: the process's own pages may have moved

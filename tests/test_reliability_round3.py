@@ -85,6 +85,7 @@ def test_resuming_a_finished_run_without_more_epochs_changes_nothing(finished, w
     (["--sampler", "none", "--class-weights", "none"], "--class-weights none (the run: balanced)"),
     (["--img-size", "64", "64"], "--img-size 64 64 (the run: 32 32)"),
     (["--augment", "strong"], "--augment strong (the run: basic)"),
+    (["--num-workers", "2"], "--num-workers 2 (the run: 0)"),  # the loader's saved position is per worker
 ])
 def test_resume_refuses_flags_that_change_what_is_trained(finished, workspace, capsys, flags, named):
     before = files_of(finished)
@@ -93,6 +94,19 @@ def test_resume_refuses_flags_that_change_what_is_trained(finished, workspace, c
     assert "--sampler none (the run: balanced)" in line or "--sampler" not in flags
     assert files_of(finished) == before
     assert sorted(p.name for p in finished.parent.iterdir()) == ["version_0"]
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_the_monitor_does_not_improve(workspace, capsys):
+    """Lightning writes last.ckpt only with a new best: a resume of such a run would train its last epoch again."""
+    run = train_run(workspace, "flat", "--epochs", "2", "--lr", "1e-12", "--warmup-epochs", "0")  # nothing changes
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["epoch"] == 0, "the monitor did not improve after the first epoch"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == summary["global_step"] == 4
+    before = files_of(run)
+    capsys.readouterr()
+    assert main(resume_argv(workspace, "flat")) == 0 and "Nothing to do" in capsys.readouterr().out
+    assert files_of(run) == before
 
 
 def test_resume_from_a_config_file_is_refused(finished, workspace, tmp_path, capsys):
@@ -107,9 +121,10 @@ def test_a_resumed_run_keeps_its_settings_records_its_parts_and_hparams_never_re
     run = train_run(workspace, "extended", "--epochs", "1", *IMBALANCED)
     first = json.loads((run / "summary.json").read_text())
     capsys.readouterr()
-    # No flag repeated but the longer schedule (and a relocation: --num-workers).
-    assert main(resume_argv(workspace, "extended", "--epochs", "2", "--num-workers", "0")) == 0
-    assert "changed: --epochs 1 -> 2" in capsys.readouterr().out
+    # No flag repeated: only the longer schedule, and a flag that only changes how often last.ckpt is written.
+    assert main(resume_argv(workspace, "extended", "--epochs", "2", "--checkpoint-every-minutes", "10")) == 0
+    out = capsys.readouterr().out
+    assert "changed: --checkpoint-every-minutes 30.0 -> 10.0; --epochs 1 -> 2" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["global_step"] == 2 * first["global_step"]
     assert summary["imbalance_handling"]["loss"] == "focal"
@@ -118,12 +133,13 @@ def test_a_resumed_run_keeps_its_settings_records_its_parts_and_hparams_never_re
     parts = summary["parts"]
     assert [(p["epochs"], p["global_step"]) for p in parts] == [(1, first["global_step"]), (2, summary["global_step"])]
     assert parts[0]["wall_time_s"] == first["wall_time_s"] and parts[1]["changed"] == {
-        "--epochs": {"from": 1, "to": 2}}
+        "--epochs": {"from": 1, "to": 2}, "--checkpoint-every-minutes": {"from": 30.0, "to": 10.0}}
     assert summary["wall_time_s"] == pytest.approx(parts[0]["wall_time_s"] + parts[1]["wall_time_s"], abs=0.11)
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["hyper_parameters"]["loss"] == "focal" and last["hyper_parameters"]["class_weights"] is not None
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
     assert hparams["resume"] is None and hparams["epochs"] == 2 and hparams["recipe"] == "small"
+    assert hparams["checkpoint-every-minutes"] == 10.0
 
     # --config hparams.yaml reruns the configuration as a new version; the resumed run is left alone.
     before = files_of(run)

@@ -141,7 +141,8 @@ def test_config_file_and_command_line_precedence(workspace):
     (["--predict", "data"], "--checkpoint"),
 ])
 def test_user_errors_exit_2_with_one_clear_message(workspace, args, message):
-    proc = run_cli(*args, "--logdir", "runs", cwd=workspace, check=False)
+    logdir = [] if "--predict" in args else ["--logdir", "runs"]  # predict makes no run folder: no --logdir
+    proc = run_cli(*args, *logdir, cwd=workspace, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

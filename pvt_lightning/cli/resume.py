@@ -26,12 +26,13 @@ from pvt_lightning.runs.rundir import read_summary, resume_checkpoint, version_d
 
 EXTEND = ("epochs", "max_steps", "max_time", "early_stopping")
 """Flags that change how long the run goes on; a larger value continues a finished run."""
-RELOCATE = ("devices", "num_nodes", "strategy", "accelerator", "precision", "num_workers", "log_every_n_steps",
+RELOCATE = ("devices", "num_nodes", "strategy", "accelerator", "precision", "log_every_n_steps",
             "checkpoint_every_steps", "checkpoint_every_minutes", "augment_device", "verify_images", "bad_images",
             "compile", "grad_checkpointing", "deterministic", "positive_class", "threshold", "report_precision",
             "progress_bar", "inference_seconds")
 """Flags that change where and how fast the run goes, or what is logged or measured besides, not what is trained.
-Any other option is taken to change what is trained: a new option is refused on resume until it is listed here."""
+Any other option is taken to change what is trained: a new option is refused on resume until it is listed here.
+--num-workers is not: the resumable training loader's saved position holds one state per loader worker."""
 LOCATE = ("resume", "logdir", "name", "overwrite")
 """Flags that say which run to continue; not part of the run's settings."""
 PATHS = ("data", "pretrained", "class_weights")

@@ -56,8 +56,25 @@ class LastCheckpointSaver(Callback):
         if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
             self.save(trainer)
 
-    def save(self, trainer: L.Trainer) -> None:
-        if self.saved_step == trainer.global_step and self.saved_path:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step  # runs before ModelCheckpoint's (Lightning puts it last)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._written = (trainer.global_step, getattr(self, "_validated_step", None) == trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's ModelCheckpoint rewrites last.ckpt only when it also writes a best checkpoint: after an epoch
+        whose --monitor did not improve, last.ckpt would stay an epoch behind and a resume would train that epoch
+        again. Write it here when this epoch ended with a validation that no save followed (an epoch stopped early
+        by --max-steps keeps its mid-epoch checkpoint, so a resume continues inside that epoch)."""
+        step = trainer.global_step
+        if (not trainer.fast_dev_run and getattr(self, "_validated_step", None) == step
+                and getattr(self, "_written", None) != (step, True)):
+            self.save(trainer, force=True)
+
+    def save(self, trainer: L.Trainer, force: bool = False) -> None:
+        if self.saved_step == trainer.global_step and self.saved_path and not force:
             return
         self.checkpoint.last_model_path = self.path  # ModelCheckpoint keeps writing this same file
         trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
