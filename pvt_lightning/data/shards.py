@@ -78,6 +78,10 @@ def write_shards(index: DatasetIndex, output: Path, num_workers: int = 1, chunk_
                 writer.add_item(position, encode_item(sample))
             writer.done()
             writer.merge()
+        written = _items_written(target)
+        if written != len(samples):  # LitData's worker processes can fail without raising here
+            raise DataError(f"LitData wrote {written} of the {len(samples)} {split} images into {target} (see the "
+                            "messages above); run pvt-lightning shards again, e.g. with --num-workers 1")
     arrays = {key: value for split, samples in index.splits.items() for key, value in samples.arrays(split).items()}
     np.savez(output / "index.npz", **arrays)
     (output / "classes.txt").write_text("".join(f"{name}\n" for name in index.class_names), encoding="utf-8")
@@ -85,6 +89,14 @@ def write_shards(index: DatasetIndex, output: Path, num_workers: int = 1, chunk_
             "skipped_classes": index.skipped, "chunk_bytes": chunk_bytes}
     (output / SHARDS_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def _items_written(folder: Path) -> int:
+    try:
+        chunks = json.loads((folder / "index.json").read_text(encoding="utf-8"))["chunks"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(int(chunk.get("chunk_size", 0)) for chunk in chunks)
 
 
 def read_shards_index(root: Path) -> DatasetIndex:
