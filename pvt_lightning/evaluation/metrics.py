@@ -8,7 +8,6 @@ from typing import Any, Sequence
 import torch
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassAveragePrecision,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
@@ -16,6 +15,7 @@ from torchmetrics.classification import (
 )
 
 from pvt_lightning.evaluation.calibration import calibrated_probs, expected_calibration_error, log_loss
+from pvt_lightning.training.curves import AveragePrecision, curve_method, curve_thresholds
 
 
 def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
@@ -23,7 +23,8 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_nam
     """Macro and per-class precision/recall/F1/support/AP, accuracy, top-5, log-loss and ECE.
 
     Precision/recall/F1 are of the argmax prediction (which temperature does not change); AP, log-loss
-    and ECE of ``softmax(logits / temperature)``. A class never predicted has precision 0.
+    and ECE of ``softmax(logits / temperature)``. A class never predicted has precision 0. AP is exact up to
+    ``curves.EXACT_LIMIT`` images x classes, binned above (``curves``: how, in the report).
     """
     num_classes = len(class_names)
     probs = calibrated_probs(logits, temperature)
@@ -35,7 +36,9 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_nam
     precision = per_class(MulticlassPrecision(num_classes, average=None))
     recall = per_class(MulticlassRecall(num_classes, average=None))
     f1 = per_class(MulticlassF1Score(num_classes, average=None))
-    ap = [None if math.isnan(v) else v for v in per_class(MulticlassAveragePrecision(num_classes, average=None))]
+    thresholds = curve_thresholds(len(targets), num_classes)
+    ap = [None if math.isnan(v) else v
+          for v in per_class(AveragePrecision(num_classes, average=None, thresholds=thresholds))]
     support = torch.bincount(targets, minlength=num_classes).tolist()
     confusion = MulticlassConfusionMatrix(num_classes)(probs, targets)
     return {
@@ -54,6 +57,7 @@ def classification_report(logits: torch.Tensor, targets: torch.Tensor, class_nam
         "per_class": {name: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i],
                              "average_precision": ap[i]} for i, name in enumerate(class_names)},
         "most_confused": most_confused(confusion, class_names),
+        "curves": curve_method(len(targets), num_classes, thresholds),
     }
 
 

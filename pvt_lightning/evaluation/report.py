@@ -265,13 +265,19 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
             **at_precision}
 
 
+def _binned_note(report: dict[str, Any]) -> str:
+    """`` (binned (1001 thresholds))`` after the AP when the split was too large for the exact curve."""
+    method = (report.get("curves") or {}).get("method", "exact")
+    return "" if method == "exact" else f" ({method})"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal: macro figures, calibration, the operating point's reach."""
     k = next(key for key in report if key.startswith("top") and key.endswith("_accuracy"))
     macro = report["macro"]
     lines = [f"{report['num_images']} images | acc {report['accuracy']:.4f} {k.split('_')[0]} {report[k]:.4f} | "
              f"macro P {macro['precision']:.4f} R {macro['recall']:.4f} F1 {macro['f1']:.4f} AP "
-             f"{_number(macro['average_precision']) or '-'} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
+             f"{_number(macro['average_precision']) or '-'}{_binned_note(report)} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
     at_precision = report.get("recall_at_precision")
     for label, at in (at_precision or {}).get("precisions", {}).items():
         unreached = at["unreached"]
