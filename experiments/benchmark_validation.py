@@ -12,7 +12,9 @@ generated batch by batch, never all held) are fed batch by batch, as ``validatio
 - ``ClassificationReport``'s per-class precision/recall/confusion matrix and its 101-point TensorBoard PR curve,
 
 then computed once (the epoch end). Reported: update and compute seconds, peak RSS minus the RSS before the
-first update (``ru_maxrss``), and the bytes of the metric states. ``--torchmetrics-update`` times torchmetrics'
+first update (``ru_maxrss``), and the bytes of the metric states. ``--evaluate`` also times ``evaluate``'s report
+metrics (``classification_report`` + ``recall_at_precision_report``) on all the logits at once, as ``evaluate``
+holds them (its predictions.csv and calibration need every row), the logits' own memory included. ``--torchmetrics-update`` times torchmetrics'
 own binned update on a slice of the batches (the one-pass update replaces it), scaled to the epoch.
 """
 
@@ -119,6 +121,29 @@ def run_one(images: int, classes: int, batch: int, thresholds: int | None, what:
             "state_mb": round(size / 2**20, 2), **{k: round(v, 4) for k, v in values.items() if v is not None}}
 
 
+def run_evaluate(images: int, classes: int, batch: int) -> dict:
+    """``evaluate``'s metric part on every logit at once (the plots and CSVs left out)."""
+    from pvt_lightning.evaluation.calibration import calibrated_probs
+    from pvt_lightning.evaluation.metrics import classification_report
+    from pvt_lightning.evaluation.report import recall_at_precision_report
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    names = [f"c{i}" for i in range(classes)]
+    base = rss_mb()
+    logits, targets = torch.empty(images, classes), torch.empty(images, dtype=torch.long)
+    for start, (chunk, chunk_targets) in zip(range(0, images, batch), batches(images, classes, batch)):
+        logits[start:start + len(chunk)], targets[start:start + len(chunk)] = chunk, chunk_targets
+    held = rss_mb() - base
+    started = time.perf_counter()
+    report = classification_report(logits, targets, names)
+    at = recall_at_precision_report(calibrated_probs(logits), targets, names, [0.9])
+    seconds = time.perf_counter() - started
+    return {"images": images, "classes": classes, "what": "evaluate report metrics", "method": report["curves"]["method"],
+            "seconds": round(seconds, 1), "logits_mb": round(held, 1), "peak_rss_growth_mb": round(peak_rss_mb() - base, 1),
+            "ap": round(report["macro"]["average_precision"], 4), "recall@precision0.90": round(
+                at["precisions"]["0.90"]["macro"], 4)}
+
+
 def torchmetrics_update(images: int, classes: int, batch: int, thresholds: int, slices: int) -> dict:
     """torchmetrics' own binned update (``MulticlassPrecisionRecallCurve``) on ``slices`` batches, scaled."""
     from torchmetrics.classification import MulticlassPrecisionRecallCurve
@@ -151,9 +176,13 @@ def main() -> None:
                         help="also run the exact path at this many images (images x classes = the limit)")
     parser.add_argument("--torchmetrics-update", type=int, default=4, metavar="BATCHES",
                         help="time torchmetrics' own binned update on this many batches (0: skip)")
-    parser.add_argument("--child", choices=("curves", "report"))
+    parser.add_argument("--evaluate", action="store_true", help="also time evaluate's report metrics (all logits held)")
+    parser.add_argument("--child", choices=("curves", "report", "evaluate"))
     parser.add_argument("--thresholds", default="auto")
     args = parser.parse_args()
+    if args.child == "evaluate":
+        print(json.dumps(run_evaluate(args.images, args.classes, args.batch)))
+        return
     if args.child:
         thresholds = None if args.thresholds == "exact" else int(args.thresholds)
         print(json.dumps(run_one(args.images, args.classes, args.batch, thresholds, args.child)))
@@ -165,6 +194,8 @@ def main() -> None:
     if args.exact_images:
         small = argparse.Namespace(**{**vars(args), "images": args.exact_images})
         rows.append(child(small, curve_thresholds(args.exact_images, args.classes), "curves"))
+    if args.evaluate:
+        rows.append(child(args, binned, "evaluate"))
     for row in rows:
         print(json.dumps(row))
     if args.torchmetrics_update and binned:

@@ -82,6 +82,18 @@ def binned_counts(probs: Tensor, target: Tensor, thresholds: Tensor) -> Tensor:
     return counts_from_histogram(score_histogram(probs, target, thresholds))
 
 
+CHUNK_ROWS = 4096
+"""Rows per update when a whole split is measured at once (``update_in_chunks``): bounded temporaries."""
+
+
+def update_in_chunks(metric, probs: Tensor, target: Tensor, rows: int = CHUNK_ROWS):
+    """``metric.update`` over ``rows`` images at a time (a binned update's temporaries are rows x classes int64,
+    not the whole split's); returns ``metric`` for chaining."""
+    for start in range(0, len(target), rows):
+        metric.update(probs[start:start + rows], target[start:start + rows])
+    return metric
+
+
 class _FastBinned:
     """A torchmetrics multiclass PR-curve metric whose binned update adds a ``score_histogram`` (one pass over the
     batch, a fixed (T + 1) x C x 2 state summed across DDP ranks) and whose compute turns it into torchmetrics'

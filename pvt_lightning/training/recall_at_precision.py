@@ -26,6 +26,7 @@ from pvt_lightning.training.curves import (  # noqa: F401 (the size rule, re-exp
     RecallAtFixedPrecision,
     curve_thresholds,
     method_name,
+    update_in_chunks,
 )
 
 DEFAULT_PRECISIONS = (0.9,)
@@ -112,5 +113,5 @@ def recall_at_precision(probs: torch.Tensor, targets: torch.Tensor, class_names:
     if thresholds == "auto":
         thresholds = curve_thresholds(len(targets), len(class_names))
     metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds)
-    metrics.update(probs.float(), targets.long())
+    update_in_chunks(metrics, probs.float(), targets.long())
     return results_from(metrics.compute(), precisions, class_names), thresholds
