@@ -175,23 +175,32 @@ def test_two_processes_write_the_single_process_output(model, reference, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_killed_predict_resumes_without_duplicates(model, reference, tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_killed_predict_resumes_without_duplicates(model, reference, tmp_path, devices):
+    """SIGKILL (no handler runs, as a pre-emption or an OOM kill) once a first batch is flushed, then the same
+    command again: it reads the parts on every rank, predicts the rest, and the output has every image once."""
     out = tmp_path / "preds.csv"
     argv = predict_argv(model, out, "--topk", "2")
     argv[argv.index("--batch-size") + 1] = "2"
+    if devices > 1:
+        argv += ["--devices", str(devices), "--strategy", "ddp"]
     proc = cli(*argv)
-    part = tmp_path / ".preds.csv.0.rank0.part"
+    first = tmp_path / ".preds.csv.0.rank0.part"
     deadline = time.monotonic() + 300
-    while not (part.exists() and part.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+    while not (first.exists() and first.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # as a preemption or an OOM kill: no handler runs
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: every rank
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "killed before it finished"
     assert not out.exists()
-    written = len(list(read_part(part, 8)))
+    parts = sorted(tmp_path.glob(".preds.csv.0.rank*.part"))
+    written = sum(len(list(read_part(part, 8))) for part in parts)
     assert 0 < written < len(reference)
     resumed = finished(cli(*argv))
-    assert f"Resuming: {written} images already predicted" in resumed
-    assert f"run 1 rank 0: {written}, run 2 rank 0: {len(reference) - written}" in resumed, resumed
+    assert f"Resuming: {written} images already predicted" in resumed, resumed
     assert_same_predictions(by_path(output_rows(out)), reference)
+    if devices == 1:
+        assert f"run 1 rank 0: {written}, run 2 rank 0: {len(reference) - written}" in resumed, resumed
+    else:  # both ranks of the second run split what was left
+        assert "run 2 rank 0: " in resumed and "run 2 rank 1: " in resumed, resumed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]

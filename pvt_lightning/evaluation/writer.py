@@ -160,7 +160,7 @@ class PredictionCsvWriter(BasePredictionWriter):
         self._close()
         if self.rows == 0:
             self.part(rank).unlink(missing_ok=True)
-        if not any(part.stat().st_size > 0 for part in self.parts()):
+        if not any(_size(part) > 0 for part in self.parts()):
             self.settings_file.unlink(missing_ok=True)
         return self.resumed + self.rows
 
@@ -192,6 +192,14 @@ class PredictionCsvWriter(BasePredictionWriter):
         self.joined = {labels[name]: n for name, n in counts.items()}
         self.discard()
         return count
+
+
+def _size(path: Path) -> int:
+    """The file's size; 0 if another rank removed it meanwhile."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def read_part(part: Path, width: int) -> Iterator[list[str]]:
