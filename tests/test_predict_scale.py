@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image_folder
+
 from pvt_lightning.cli.main import main
 from pvt_lightning.evaluation.writer import output_rows, read_part
 

@@ -17,7 +17,11 @@ from pvt_lightning import tags
 from pvt_lightning.evaluation.metrics import classification_report
 from pvt_lightning.training import curves
 from pvt_lightning.training.callbacks.recall_at_precision import RecallAtPrecisionReport
-from pvt_lightning.training.curves import BINNED_THRESHOLDS, PrecisionRecallCurve, curve_thresholds
+from pvt_lightning.training.curves import (
+    BINNED_THRESHOLDS,
+    PrecisionRecallCurve,
+    curve_thresholds,
+)
 from pvt_lightning.training.recall_at_precision import (
     AP_KEY,
     macro_average_precision,
