@@ -19,7 +19,9 @@ PRECISION = "precision"
 RECALL = "recall"
 F1 = "f1"
 LOSS = "loss"
-"""Metric names inside a stage: top-1/top-5 accuracy, macro precision/recall/F1, cross-entropy."""
+AP = "ap"
+"""Metric names inside a stage: top-1/top-5 accuracy, macro precision/recall/F1, cross-entropy, macro average
+precision (logged by ``RecallAtPrecisionReport``, exact or binned by size: ``training/curves.py``)."""
 
 
 def stage_tag(stage: str, metric: str) -> str:
@@ -33,6 +35,7 @@ VAL_PRECISION = stage_tag(VAL, PRECISION)
 VAL_RECALL = stage_tag(VAL, RECALL)
 VAL_F1 = stage_tag(VAL, F1)
 VAL_LOSS = stage_tag(VAL, LOSS)
+VAL_AP = stage_tag(VAL, AP)
 
 SUMMARY_METRICS = (VAL_ACC, VAL_ACC5, VAL_PRECISION, VAL_RECALL, VAL_F1, VAL_LOSS)
 """The final values summary.json keeps under ``metrics``."""

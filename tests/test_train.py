@@ -57,7 +57,8 @@ def test_run_writes_a_complete_run_directory(trained_run):
     assert summary["img_size"] == [32, 32] and summary["class_names"] == list(CLASSES)
     assert summary["epochs"] == 2 and summary["global_step"] == 6  # 2 epochs x 3 limited batches
     assert set(summary["metrics"]) == {"val/acc", "val/acc5", "val/precision", "val/recall", "val/f1", "val/loss",
-                                       "val/recall@precision0.90"}  # --report-precision's default
+                                       "val/ap", "val/recall@precision0.90"}  # --report-precision's default
+    assert summary["validation_curves"]["method"] == "exact" and summary["validation_curves"]["images"] == 18
     assert summary["inference"]["batch_size"] == 4 and summary["inference"]["img_size"] == [32, 32]
     assert 0 <= summary["metrics"]["val/acc"] <= 1 and summary["bad_images"] == 0
     assert summary["epoch_time_s"] > 0 and summary["peak_memory_mb"] > 0 and summary["memory_device"] == "cpu"

@@ -32,7 +32,7 @@ SUBCOMMANDS = {command.name: command for command in [
     Subcommand("evaluate", "pvt_lightning.cli.evaluate", "per-class report, calibration and operating points of a "
                "checkpoint on one split of labelled data"),
     Subcommand("predict", "pvt_lightning.cli.predict", "predict every image under a folder with a checkpoint or an "
-               "exported model, into a CSV"),
+               "exported model, into a CSV or Parquet file"),
     Subcommand("export", "pvt_lightning.cli.export", "export a checkpoint or a variant to ONNX or torch.export "
                "(.pt2), checked against the model"),
     Subcommand("serve", "pvt_lightning.cli.serve", "serve a checkpoint or an exported model over HTTP (LitServe, "

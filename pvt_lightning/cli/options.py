@@ -278,8 +278,12 @@ class PredictOptions:
                                        metavar="CKPT")
     input: Optional[str] = option(None, "folder of images to predict, searched recursively, or one image file "
                                   "(required)", "predict", metavar="DIR|FILE")
-    output: Optional[str] = option(None, "CSV path (default: predictions.csv in the checkpoint's run)", "predict",
-                                   metavar="FILE")
+    output: Optional[str] = option(None, "a .csv or .parquet file, the format by its extension, same columns "
+                                   "(default: predictions.csv in the checkpoint's run); a stopped run keeps its "
+                                   "parts next to it and the same command resumes (docs/large_datasets.md)",
+                                   "predict", metavar="FILE")
+    topk: NonNegativeInt = option(0, "also write the K most probable classes as columns top1_class, top1_prob ... "
+                                  "topK_class, topK_prob (0: none)", "predict", metavar="K")
     operating_point: Optional[str] = option(None, "apply this operating_point.json (temperature and per-class "
                                             "thresholds): adds a decision column, probabilities become calibrated",
                                             "predict", metavar="FILE")

@@ -111,6 +111,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.index_file: Path | None = None  # the index cache file used, if any
         self.index_reused = False  # whether setup loaded the index from it rather than listing the data
         self._predict_list: SampleIndex | None = None
+        self.predict_skip: set[str] = set()
+        """Paths under ``predict_dir`` left out of prediction (a resumed predict: those already written)."""
         self._norm_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -197,6 +199,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                  f" (index {'reused from' if self.index_reused else 'saved to'} {self.index_file})"
                  if self.index_file else "")
 
+    def predict_samples(self) -> SampleIndex:
+        """The images ``predict_dataloader`` yields: every image under ``predict_dir`` but ``predict_skip``."""
+        return self._predict_samples()
+
     def _predict_samples(self) -> SampleIndex:
         if self._predict_list is None:
             folder = self.predict_dir
@@ -205,6 +211,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             paths = [str(folder)] if folder.is_file() else list_images(folder)  # one file: just that image
             if not paths:
                 raise DataError(f"no images found under {folder} (looked recursively for image file extensions)")
+            if self.predict_skip:  # may leave none: every image was already predicted
+                paths = [path for path in paths if path not in self.predict_skip]
             self._predict_list = SampleIndex.from_paths(paths, -1)
         return self._predict_list
 

@@ -23,13 +23,19 @@ def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
 
 
 def log_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true class (nats)."""
-    return F.cross_entropy(logits.double() / temperature, targets).item()
+    """Mean negative log-likelihood of the true class (nats); float64, 4096 rows at a time (no float64 copy of
+    every logit)."""
+    total = sum(F.cross_entropy(logits[i:i + 4096].double() / temperature, targets[i:i + 4096], reduction="sum")
+                .item() for i in range(0, len(targets), 4096))
+    return total / len(targets) if len(targets) else float("nan")
 
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-label ECE, 15 equal-width confidence bins, L1 (torchmetrics' MulticlassCalibrationError)."""
-    return MulticlassCalibrationError(probs.shape[1], n_bins=ECE_BINS, norm="l1")(probs, targets).item()
+    metric = MulticlassCalibrationError(probs.shape[1], n_bins=ECE_BINS, norm="l1")
+    for i in range(0, len(targets), 4096):  # its state is per image (confidence, accuracy), not per score
+        metric.update(probs[i:i + 4096], targets[i:i + 4096])
+    return metric.compute().item()
 
 
 def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:

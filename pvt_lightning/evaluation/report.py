@@ -101,41 +101,51 @@ def predictions_csv(paths: Sequence[str], probs: torch.Tensor, class_names: Sequ
 
 PREDICTION_COLUMNS = ("path", "class", "probability", "top5")
 """``--predict``'s CSV; an operating point adds ``calibrated_probability`` (found next to the checkpoint) or,
-applied with ``--operating-point``, ``decision`` and one ``prob_<class>`` column per class (calibrated)."""
+applied with ``--operating-point``, ``decision`` and one ``prob_<class>`` column per class (calibrated);
+``--topk K`` adds ``top1_class, top1_prob ... topK_class, topK_prob`` last."""
+
+
+def topk_columns(topk: int) -> list[str]:
+    """``top1_class, top1_prob, ..., top<k>_class, top<k>_prob`` (none for 0)."""
+    return [column for i in range(1, topk + 1) for column in (f"top{i}_class", f"top{i}_prob")]
 
 
 def prediction_columns(class_names: Sequence[str], point: OperatingPoint | None = None,
-                       apply: bool = False) -> list[str]:
+                       apply: bool = False, topk: int = 0) -> list[str]:
     if point is None:
-        return list(PREDICTION_COLUMNS)
+        return [*PREDICTION_COLUMNS, *topk_columns(topk)]
     if not apply:
-        return [*PREDICTION_COLUMNS, "calibrated_probability"]
+        return [*PREDICTION_COLUMNS, "calibrated_probability", *topk_columns(topk)]
     per_class = [f"prob_{name}" for name in class_names] if len(class_names) <= MAX_PROBABILITY_COLUMNS else []
-    return ["path", "class", "probability", "decision", "top5", *per_class]
+    return ["path", "class", "probability", "decision", "top5", *per_class, *topk_columns(topk)]
 
 
 def prediction_rows(paths: Sequence[str], logits: torch.Tensor, class_names: Sequence[str],
-                    point: OperatingPoint | None = None, apply: bool = False) -> list[list[str]]:
-    """Rows under ``prediction_columns``: softmax probabilities, or with ``apply`` the calibrated ones and decisions."""
+                    point: OperatingPoint | None = None, apply: bool = False, topk: int = 0) -> list[list[str]]:
+    """Rows under ``prediction_columns``: softmax probabilities, or with ``apply`` the calibrated ones and decisions;
+    ``topk`` classes and probabilities last (of the same probabilities as ``probability``)."""
     temperature = point.temperature if point is not None else 1.0
     probs = calibrated_probs(logits, temperature if apply else 1.0)
     k = min(5, len(class_names))
-    top_p, top_i = (values.tolist() for values in probs.topk(k, dim=-1))
+    top_p, top_i = (values.tolist() for values in probs.topk(max(k, topk), dim=-1))
+    number = "{:.9g}" if apply else "{:.6f}"
+    ranked = [[cell for c, q in zip(top_i[n][:topk], top_p[n][:topk]) for cell in (class_names[c], number.format(q))]
+              for n in range(len(paths))]
     rows = []
     if not apply:
         calibrated = calibrated_probs(logits, temperature).max(dim=-1).values.tolist() if point else None
         for n, path in enumerate(paths):
             row = [path, class_names[top_i[n][0]], f"{top_p[n][0]:.6f}",
-                   ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n], top_p[n]))]
-            rows.append(row + [f"{calibrated[n]:.6f}"] if point else row)
+                   ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n][:k], top_p[n][:k]))]
+            rows.append((row + [f"{calibrated[n]:.6f}"] if point else row) + ranked[n])
         return rows
     decisions = decide(probs, list(point.thresholds.values())).tolist()
     every = probs.tolist() if len(class_names) <= MAX_PROBABILITY_COLUMNS else None
     for n, path in enumerate(paths):
         row = [path, class_names[top_i[n][0]], f"{top_p[n][0]:.9g}",
                ABSTAIN if decisions[n] < 0 else class_names[decisions[n]],
-               ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n], top_p[n]))]
-        rows.append(row + [f"{q:.9g}" for q in every[n]] if every is not None else row)
+               ";".join(f"{class_names[c]}:{q:.4f}" for c, q in zip(top_i[n][:k], top_p[n][:k]))]
+        rows.append((row + [f"{q:.9g}" for q in every[n]] if every is not None else row) + ranked[n])
     return rows
 
 
@@ -255,13 +265,19 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, float]:
             **at_precision}
 
 
+def _binned_note(report: dict[str, Any]) -> str:
+    """`` (binned (1001 thresholds))`` after the AP when the split was too large for the exact curve."""
+    method = (report.get("curves") or {}).get("method", "exact")
+    return "" if method == "exact" else f" ({method})"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few lines for the terminal: macro figures, calibration, the operating point's reach."""
     k = next(key for key in report if key.startswith("top") and key.endswith("_accuracy"))
     macro = report["macro"]
     lines = [f"{report['num_images']} images | acc {report['accuracy']:.4f} {k.split('_')[0]} {report[k]:.4f} | "
              f"macro P {macro['precision']:.4f} R {macro['recall']:.4f} F1 {macro['f1']:.4f} AP "
-             f"{_number(macro['average_precision']) or '-'} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
+             f"{_number(macro['average_precision']) or '-'}{_binned_note(report)} | log-loss {report['log_loss']:.4f} ECE {report['ece']:.4f}"]
     at_precision = report.get("recall_at_precision")
     for label, at in (at_precision or {}).get("precisions", {}).items():
         unreached = at["unreached"]

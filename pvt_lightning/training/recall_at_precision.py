@@ -4,28 +4,34 @@ The practitioner's figure for "how much of a class do we catch when we may be wr
 time". Computed with torchmetrics' ``MulticlassRecallAtFixedPrecision`` on softmax probabilities, exact
 (every distinct score is a threshold, as scikit-learn's ``precision_recall_curve``) while the scores it keeps,
 images x classes, number at most ``EXACT_LIMIT``; binned on ``BINNED_THRESHOLDS`` evenly spaced thresholds
-above that (constant memory, recall read at thresholds 0.001 apart). A class whose precision never reaches P
-has recall 0 and counts as *unreached*. Used by the training callback (``callbacks/recall_at_precision.py``)
-and by ``evaluate``'s report.
+above that (constant memory, recall read at thresholds 0.001 apart; ``curves.py``). A class whose precision
+never reaches P has recall 0 and counts as *unreached*. The same state gives the average precision per class
+(``AP_KEY``). Used by the training callback (``callbacks/recall_at_precision.py``) and by ``evaluate``'s report.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassRecallAtFixedPrecision
 
 from pvt_lightning.tags import precision_label
+from pvt_lightning.training.curves import (  # noqa: F401 (the size rule, re-exported)
+    BINNED_THRESHOLDS,
+    EXACT_LIMIT,
+    AveragePrecision,
+    RecallAtFixedPrecision,
+    curve_thresholds,
+    method_name,
+    update_in_chunks,
+)
 
 DEFAULT_PRECISIONS = (0.9,)
-EXACT_LIMIT = 5_000_000
-"""Largest images x classes computed exactly (e.g. 50,000 images of 100 classes: 20 MB of float32 scores per
-process, gathered across DDP ranks); above it the binned curve is used."""
-BINNED_THRESHOLDS = 1001
-"""Thresholds 0, 0.001, ..., 1 of the binned curve (memory: thresholds x classes x 4 counts)."""
+AP_KEY = "ap"
+"""The per-class average precision in ``recall_at_precision_metrics``' collection."""
 
 
 def check_precisions(precisions: Sequence[float]) -> list[float]:
@@ -41,15 +47,6 @@ def check_precisions(precisions: Sequence[float]) -> list[float]:
     return values
 
 
-def curve_thresholds(num_images: int, num_classes: int, exact_limit: int = EXACT_LIMIT) -> int | None:
-    """None (exact) when ``num_images x num_classes <= exact_limit``, else ``BINNED_THRESHOLDS``."""
-    return None if num_images * num_classes <= exact_limit else BINNED_THRESHOLDS
-
-
-def method_name(thresholds: int | None) -> str:
-    return "exact" if thresholds is None else f"binned ({thresholds} thresholds)"
-
-
 def metric_key(precision: float) -> str:
     """A metric's name in the collection (module names cannot hold a dot): ``0.9`` -> ``p0_90``."""
     return "p" + precision_label(precision).replace(".", "_")
@@ -57,12 +54,20 @@ def metric_key(precision: float) -> str:
 
 def recall_at_precision_metrics(num_classes: int, precisions: Sequence[float],
                                 thresholds: int | None) -> MetricCollection:
-    """One ``MulticlassRecallAtFixedPrecision`` per P, keyed by ``metric_key``, sharing one state (the scores, or
-    the binned counts): every P is read off the same precision-recall curve."""
-    metrics = {metric_key(p): MulticlassRecallAtFixedPrecision(num_classes, min_precision=float(p),
-                                                                    thresholds=thresholds)
+    """One ``MulticlassRecallAtFixedPrecision`` per P, keyed by ``metric_key``, and the per-class average
+    precision (``AP_KEY``), sharing one state (the scores, or the binned counts): all read off the same
+    precision-recall curve."""
+    metrics = {metric_key(p): RecallAtFixedPrecision(num_classes, min_precision=float(p), thresholds=thresholds)
                for p in precisions}
+    metrics[AP_KEY] = AveragePrecision(num_classes, average=None, thresholds=thresholds)
     return MetricCollection(metrics, compute_groups=[list(metrics)])  # explicit: the state is shared on purpose
+
+
+def macro_average_precision(computed: dict[str, Any]) -> tuple[float | None, list[float | None]]:
+    """The macro AP (mean over classes present) and the per-class APs (None: class absent) of a computed collection."""
+    per_class = [None if math.isnan(v) else float(v) for v in computed[AP_KEY].float().cpu().tolist()]
+    present = [v for v in per_class if v is not None]
+    return (sum(present) / len(present) if present else None), per_class
 
 
 @dataclass(frozen=True)
@@ -108,5 +113,5 @@ def recall_at_precision(probs: torch.Tensor, targets: torch.Tensor, class_names:
     if thresholds == "auto":
         thresholds = curve_thresholds(len(targets), len(class_names))
     metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds)
-    metrics.update(probs.float(), targets.long())
+    update_in_chunks(metrics, probs.float(), targets.long())
     return results_from(metrics.compute(), precisions, class_names), thresholds

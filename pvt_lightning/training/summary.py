@@ -43,7 +43,8 @@ def run_figures(trainer: L.Trainer) -> dict[str, Any]:
 
 def recall_at_precision_figures(trainer: L.Trainer, metrics: dict, best: dict) -> dict[str, Any]:
     """Recall at each fixed precision, macro (and of the positive class), into ``metrics`` (last validated epoch)
-    and ``best`` (the best epoch's, where this fit validated it); returns the ``recall_at_precision`` block."""
+    and ``best`` (the best epoch's, where this fit validated it), with the macro AP; returns the
+    ``recall_at_precision`` and ``validation_curves`` blocks."""
     report = next((c for c in trainer.callbacks if isinstance(c, RecallAtPrecisionReport)), None)
     if report is None:
         return {}
@@ -51,7 +52,7 @@ def recall_at_precision_figures(trainer: L.Trainer, metrics: dict, best: dict) -
     metrics.update({tag: float(v) for tag, v in trainer.callback_metrics.items() if tag in kept})
     at_best = report.history.get(best["epoch"], {})
     best.update({tag: at_best.get(tag) for tag in kept})
-    return {"recall_at_precision": report.summary()}
+    return {"recall_at_precision": report.summary(), "validation_curves": report.curves_summary()}
 
 
 def inference_figures(trainer: L.Trainer) -> dict[str, Any]:

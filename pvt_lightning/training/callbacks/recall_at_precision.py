@@ -1,8 +1,11 @@
-"""Recall at a fixed precision every validation epoch: per class, its macro mean, and the classes that never reach P.
+"""Recall at a fixed precision every validation epoch: per class, its macro mean, and the classes that never reach P;
+and the macro average precision, read off the same curve.
 
 Tags (``pvt_lightning.tags``): ``val/recall@precision0.90`` (macro), ``val/recall@precision0.90/<class>`` and
-``val/unreached@precision0.90`` (how many classes never reach P), one set per ``--report-precision``. The
-values also go into ``trainer.callback_metrics``, so ``--monitor val/recall@precision0.90`` picks checkpoints.
+``val/unreached@precision0.90`` (how many classes never reach P), one set per ``--report-precision``; ``val/ap``.
+The values also go into ``trainer.callback_metrics``, so ``--monitor val/recall@precision0.90`` (or ``val/ap``)
+picks checkpoints. The curve is exact or binned by the validation set's size (``training/curves.py``); summary.json's
+``validation_curves`` says which.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import torch
 
 from pvt_lightning import tags
 from pvt_lightning.training.callbacks.loggers import log_epoch_scalars
+from pvt_lightning.training.callbacks.report import PR_CURVE_THRESHOLDS
+from pvt_lightning.training.curves import curve_method
 from pvt_lightning.training.recall_at_precision import (
     DEFAULT_PRECISIONS,
     EXACT_LIMIT,
     RecallAtPrecision,
     check_precisions,
     curve_thresholds,
+    macro_average_precision,
     method_name,
     recall_at_precision_metrics,
     results_from,
@@ -43,6 +49,9 @@ class RecallAtPrecisionReport(L.Callback):
         self.thresholds: int | None = None
         self.results: list[RecallAtPrecision] = []
         """The latest validation epoch's results, one per precision."""
+        self.average_precision: float | None = None
+        """The latest validation epoch's macro AP (mean over the classes present)."""
+        self.validation_images = 0
         self.history: dict[int, dict[str, float]] = {}
         self.updated = False
 
@@ -53,7 +62,8 @@ class RecallAtPrecisionReport(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.metrics is None:  # the validation set's size decides exact or binned (the same on every rank)
-            self.thresholds = curve_thresholds(validation_size(trainer), len(self.class_names), self.exact_limit)
+            self.validation_images = validation_size(trainer)
+            self.thresholds = curve_thresholds(self.validation_images, len(self.class_names), self.exact_limit)
             self.metrics = recall_at_precision_metrics(len(self.class_names), self.precisions, self.thresholds)
         self.metrics.to(pl_module.device)
         self.metrics.reset()
@@ -70,7 +80,9 @@ class RecallAtPrecisionReport(L.Callback):
         if trainer.sanity_checking or not self.updated:
             return
         # compute() is a collective under DDP: every rank calls it, rank 0 logs.
-        self.results = results_from(self.metrics.compute(), self.precisions, self.class_names)
+        computed = self.metrics.compute()
+        self.results = results_from(computed, self.precisions, self.class_names)
+        self.average_precision, _ = macro_average_precision(computed)
         scalars = self.scalars()
         self.history[trainer.current_epoch] = scalars
         # float64: summary.json's last and best values are the same numbers
@@ -80,7 +92,7 @@ class RecallAtPrecisionReport(L.Callback):
 
     def scalars(self) -> dict[str, float]:
         """The latest results by tag: macro, per class and the unreached count, for every precision."""
-        scalars = {}
+        scalars = {} if self.average_precision is None else {tags.VAL_AP: self.average_precision}
         for result in self.results:
             scalars[tags.recall_at_precision_tag(result.precision)] = result.macro
             scalars[tags.unreached_tag(result.precision)] = float(len(result.unreached))
@@ -90,7 +102,7 @@ class RecallAtPrecisionReport(L.Callback):
 
     def summary_tags(self) -> list[str]:
         """The tags summary.json keeps: the macro figure per precision, and the positive class's."""
-        kept = [tags.recall_at_precision_tag(p) for p in self.precisions]
+        kept = [tags.VAL_AP, *(tags.recall_at_precision_tag(p) for p in self.precisions)]
         if self.positive_class is not None:
             kept += [tags.recall_at_precision_tag(p, self.positive_class) for p in self.precisions]
         return kept
@@ -106,6 +118,13 @@ class RecallAtPrecisionReport(L.Callback):
             "unreached": {tags.precision_label(r.precision): len(r.unreached) for r in self.results},
             "unreached_classes": {tags.precision_label(r.precision): r.unreached[:50] for r in self.results},
         }
+
+    def curves_summary(self) -> dict[str, Any]:
+        """summary.json's ``validation_curves`` block: how ``val/ap`` and recall at precision were computed (exact or
+        binned, and the rule), and the TensorBoard PR curves' resolution."""
+        return {**curve_method(self.validation_images, len(self.class_names), self.thresholds, self.exact_limit),
+                "metrics": [tags.VAL_AP, *(tags.recall_at_precision_tag(p) for p in self.precisions)],
+                "tensorboard_pr_curves": method_name(PR_CURVE_THRESHOLDS)}
 
 
 def validation_size(trainer: L.Trainer) -> int:

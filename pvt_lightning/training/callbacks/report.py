@@ -16,13 +16,16 @@ from torchmetrics.classification import (
     BinaryRecall,
     MulticlassConfusionMatrix,
     MulticlassPrecision,
-    MulticlassPrecisionRecallCurve,
     MulticlassRecall,
 )
 
 from pvt_lightning import tags
 from pvt_lightning.training.callbacks.figures import confusion_matrix_figure
 from pvt_lightning.training.callbacks.loggers import log_epoch_scalars, tensorboard_writers
+from pvt_lightning.training.curves import PrecisionRecallCurve, counts_from_histogram
+
+PR_CURVE_THRESHOLDS = 101
+"""Points of the TensorBoard PR curves (binned at every size: a picture, not a figure read off)."""
 
 
 class ClassificationReport(L.Callback):
@@ -35,7 +38,7 @@ class ClassificationReport(L.Callback):
     """
 
     def __init__(self, class_names: Sequence[str], positive_class: str | None = None, threshold: float = 0.5,
-                 pr_curve_thresholds: int = 101):
+                 pr_curve_thresholds: int = PR_CURVE_THRESHOLDS):
         if positive_class is not None and positive_class not in class_names:
             raise ValueError(f"positive class {positive_class!r} is not one of the classes {list(class_names)}; "
                              "pass one of these names to --positive-class")
@@ -50,8 +53,8 @@ class ClassificationReport(L.Callback):
             "recall": MulticlassRecall(num_classes, average=None),
             "confusion": MulticlassConfusionMatrix(num_classes),
         }, compute_groups=[["precision", "recall"], ["confusion"]])  # explicit: inferred groups can merge wrongly
-        # Binned: memory O(thresholds x classes) however large the validation set.
-        self.pr_curve = MulticlassPrecisionRecallCurve(num_classes, thresholds=pr_curve_thresholds)
+        # Binned: memory O(thresholds x classes) however large the validation set, one pass per batch (curves.py).
+        self.pr_curve = PrecisionRecallCurve(num_classes, thresholds=pr_curve_thresholds)
         self.positive = None
         if positive_class is not None:
             self.positive_index = self.class_names.index(positive_class)
@@ -102,7 +105,7 @@ class ClassificationReport(L.Callback):
         precision, recall, _ = self.pr_curve.compute()
         with self.pr_curve.sync_context():
             # Per threshold and class, [[TN, FP], [FN, TP]], summed over ranks: the counts the plugin shows.
-            counts = self.pr_curve.confmat.clone()
+            counts = counts_from_histogram(self.pr_curve.histogram)
         self.last_scalars = scalars
         # On every rank (the values are synced), so --monitor val/recall/<class> can pick checkpoints and stop early.
         trainer.callback_metrics.update({tag: torch.tensor(value) for tag, value in scalars.items()})
