@@ -34,6 +34,11 @@ from pvt_lightning.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("pvt_lightning.data")
 
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+MULTILABEL_CROP_SCALE = (0.5, 1.0)
+"""Multi-label training crops keep at least half the image: a crop of 8% (the single-label default) mostly drops
+objects whose labels the image still carries."""
+
 
 def default_num_workers() -> int:
     """Data-loader workers per device when none are asked for: min(8, CPUs)."""
@@ -73,7 +78,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int | None = None, val_split: float | None = None, seed: int = 0, augment: str = "basic",
         crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
         bad_images: str = "skip", verify_images: bool = False, pin_memory: bool | None = None,
-        crop_scale: tuple[float, float] = (0.08, 1.0), predict_dir: str | Path | None = None, sampler: str = "none",
+        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, predict_dir: str | Path | None = None, sampler: str = "none",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, bad_images_file: str | Path | None = None,
         augment_device: str = "auto", classes: str | Path | Sequence[str] | None = None,
         index_cache: str | Path | bool | None = None, predict_split: str = "val", task: str = "auto",
@@ -252,7 +257,10 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """The resumable training loader (loaders.py) over a sampler seeded per epoch (resume.py)."""
-        transform = train_transform(self.img_size, self.augment, self.crop_scale, seed=self.seed)
+        crop_scale = self.crop_scale
+        if self.task == "multilabel" and crop_scale == DEFAULT_CROP_SCALE:  # a small crop would cut labelled objects out
+            crop_scale = MULTILABEL_CROP_SCALE
+        transform = train_transform(self.img_size, self.augment, crop_scale, seed=self.seed)
         samples, sampler = self.samples("train"), self._train_sampler()
         if self.train_augment_device() == "gpu":  # workers only decode; on_after_batch_transfer augments
             rank = self.trainer.global_rank if self.trainer is not None else 0

@@ -9,6 +9,10 @@ from typing import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from pvt_lightning.evaluation.multilabel import (
+    multilabel_prediction_columns,
+    multilabel_prediction_rows,
+)
 from pvt_lightning.evaluation.report import prediction_columns, prediction_rows
 from pvt_lightning.runs.io import atomic_open
 
@@ -21,12 +25,15 @@ class PredictionCsvWriter(BasePredictionWriter):
     """
 
     def __init__(self, path: Path, class_names: Sequence[str], overwrite: bool = False, operating_point=None,
-                 apply: bool = False):
+                 apply: bool = False, multilabel: bool = False, threshold: float = 0.5):
         """``operating_point`` (an ``evaluation.OperatingPoint``): with ``apply``, decisions and calibrated
-        probabilities; without, one extra calibrated-probability column."""
+        probabilities; without, one extra calibrated-probability column. ``multilabel``: a ``labels`` column (every
+        class over ``threshold``, or over its own threshold of an applied point) and the ``prob_<class>`` columns
+        (evaluation/multilabel.py)."""
         super().__init__(write_interval="batch")
         self.path, self.class_names, self.overwrite = Path(path), list(class_names), overwrite
         self.operating_point, self.apply = operating_point, apply
+        self.multilabel, self.threshold = multilabel, threshold
         self._file = self._csv = None
         self.rows = 0
 
@@ -44,8 +51,13 @@ class PredictionCsvWriter(BasePredictionWriter):
 
         if prediction is None:  # every image of the batch was unreadable
             return
-        self._csv.writerows(prediction_rows(prediction["paths"], prediction["logits"], self.class_names,
-                                            self.operating_point, self.apply))
+        if self.multilabel:
+            rows = multilabel_prediction_rows(prediction["paths"], prediction["logits"], self.class_names,
+                                              self.operating_point, self.apply, self.threshold)
+        else:
+            rows = prediction_rows(prediction["paths"], prediction["logits"], self.class_names, self.operating_point,
+                                   self.apply)
+        self._csv.writerows(rows)
         self.rows += len(prediction["paths"])
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -75,7 +87,8 @@ class PredictionCsvWriter(BasePredictionWriter):
             with atomic_open(self.path, "w", self.overwrite, newline="", encoding="utf-8",
                              errors="surrogateescape") as f:
                 out = csv.writer(f)
-                out.writerow(prediction_columns(self.class_names, self.operating_point, self.apply))
+                out.writerow(multilabel_prediction_columns(self.class_names) if self.multilabel
+                             else prediction_columns(self.class_names, self.operating_point, self.apply))
                 for rank in range(world_size):
                     with open(self.part(rank), newline="", encoding="utf-8", errors="surrogateescape") as rows_in:
                         for row in csv.reader(rows_in):

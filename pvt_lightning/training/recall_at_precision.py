@@ -16,7 +16,10 @@ from typing import Any, Sequence
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassRecallAtFixedPrecision
+from torchmetrics.classification import (
+    MulticlassRecallAtFixedPrecision,
+    MultilabelRecallAtFixedPrecision,
+)
 
 from pvt_lightning.tags import precision_label
 
@@ -56,12 +59,12 @@ def metric_key(precision: float) -> str:
 
 
 def recall_at_precision_metrics(num_classes: int, precisions: Sequence[float],
-                                thresholds: int | None) -> MetricCollection:
+                                thresholds: int | None, multilabel: bool = False) -> MetricCollection:
     """One ``MulticlassRecallAtFixedPrecision`` per P, keyed by ``metric_key``, sharing one state (the scores, or
-    the binned counts): every P is read off the same precision-recall curve."""
-    metrics = {metric_key(p): MulticlassRecallAtFixedPrecision(num_classes, min_precision=float(p),
-                                                                    thresholds=thresholds)
-               for p in precisions}
+    the binned counts): every P is read off the same precision-recall curve. ``multilabel``:
+    ``MultilabelRecallAtFixedPrecision`` (each class on its own sigmoid, multi-hot targets)."""
+    kind = MultilabelRecallAtFixedPrecision if multilabel else MulticlassRecallAtFixedPrecision
+    metrics = {metric_key(p): kind(num_classes, min_precision=float(p), thresholds=thresholds) for p in precisions}
     return MetricCollection(metrics, compute_groups=[list(metrics)])  # explicit: the state is shared on purpose
 
 
@@ -102,11 +105,12 @@ def results_from(computed: dict[str, Any], precisions: Sequence[float],
 def recall_at_precision(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
                         precisions: Sequence[float] = DEFAULT_PRECISIONS,
                         thresholds: int | None | str = "auto") -> tuple[list[RecallAtPrecision], int | None]:
-    """Recall at each precision in ``precisions`` of probabilities (N, C) against classes (N,); ``thresholds``
-    "auto" chooses exact or binned by size (``curve_thresholds``). Returns the results and the thresholds used."""
+    """Recall at each precision in ``precisions`` of probabilities (N, C) against classes (N,), or multi-hot
+    targets (N, C) for multi-label; ``thresholds`` "auto" chooses exact or binned by size (``curve_thresholds``).
+    Returns the results and the thresholds used."""
     precisions = check_precisions(precisions)
     if thresholds == "auto":
         thresholds = curve_thresholds(len(targets), len(class_names))
-    metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds)
+    metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds, multilabel=targets.ndim == 2)
     metrics.update(probs.float(), targets.long())
     return results_from(metrics.compute(), precisions, class_names), thresholds
