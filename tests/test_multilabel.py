@@ -213,3 +213,27 @@ def test_report_ap_is_sklearns_and_val_thresholds_hold_on_test(canvas_run, tmp_p
     for name in reached:
         assert table[name]["precision_at_threshold"] != ""
         assert float(table[name]["threshold"]) == pytest.approx(reached[name], abs=1e-6)
+
+
+def test_export_metadata_carries_the_task_only_when_multi_label():
+    from pvt_lightning.export.metadata import ExportMetadata
+
+    multi = ExportMetadata("b0", ("a", "b"), (32, 32), task="multilabel", threshold=0.4)
+    back = ExportMetadata.from_strings(multi.to_strings())
+    assert (back.task, back.threshold) == ("multilabel", 0.4)
+    single = ExportMetadata("b0", ("a", "b"), (32, 32))
+    assert "task" not in single.to_strings() and ExportMetadata.from_strings(single.to_strings()).task == "multiclass"
+
+
+@pytest.mark.slow
+def test_serve_returns_every_label_over_its_threshold(canvas_run, tmp_path):
+    from pvt_lightning.data.decode import read_image
+    from pvt_lightning.serve.api import ClassifierAPI
+
+    run_dir, data = canvas_run
+    api = ClassifierAPI(str(run_dir / "checkpoints" / "last.ckpt"))
+    api.setup("cpu")
+    image = torch.from_numpy(read_image(str(data / "test" / "00001.png"))).permute(2, 0, 1).contiguous()
+    response = api.encode_response(api.predict(image))
+    assert response["labels"] == [name for name, p in response["probabilities"].items() if p >= 0.5]
+    assert all(0 <= p <= 1 for p in response["probabilities"].values())
