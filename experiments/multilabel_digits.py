@@ -63,12 +63,12 @@ def markdown(result: dict) -> str:
     lines = [
         "# Multi-label: b0 from scratch on digit canvases",
         "",
-        f"Machine: shared 2-core CPU VM ({platform.processor() or platform.machine()}), other jobs running; "
-        f"python experiments/multilabel_digits.py. Data: {result['size']}x{result['size']} canvases of 1-3 of the "
-        f"digits 0-{result['classes'] - 1} (scikit-learn's scans; 8 unlabelled training canvases), "
-        f"{result['counts']} images; b0 from scratch, {result['epochs']} epochs, batch 16, loss "
-        f"{s['multilabel']['loss']}, extra flags `{' '.join(result['extra'])}`; training took "
-        f"{result['train_s']:.0f} s.",
+        (f"Machine: shared 2-core CPU VM ({platform.processor() or platform.machine()}), other jobs running; "
+         f"python experiments/multilabel_digits.py. Data: {result['size']}x{result['size']} canvases of 1-3 of the "
+         f"digits 0-{result['classes'] - 1} (scikit-learn's scans; 8 unlabelled training canvases), "
+         f"{result['counts']} images; b0 from scratch, {result['epochs']} epochs, batch 16, loss "
+         f"{s['multilabel']['loss']}, extra flags `{' '.join(result['extra'])}`; training took "
+         f"{result['train_s']:.0f} s."),
         "",
         "| figure | val | test |",
         "|---|---|---|",
@@ -77,8 +77,9 @@ def markdown(result: dict) -> str:
         f"| macro F1 at 0.5 | {val['macro']['f1']:.4f} | {test['macro']['f1']:.4f} |",
         f"| exact match at 0.5 | {val['exact_match']:.4f} | {test['exact_match']:.4f} |",
         "",
-        "Per class: AP on test, and the thresholds chosen on val for precision 0.9, with the precision they give on val "
-        "and on test (held out; `-`: the class never reaches 0.9 on val, or no test image is over its threshold).",
+        ("Per class: AP on test, and the thresholds chosen on val for precision 0.9, with the precision they give on "
+         "val and on test (held out; `-`: the class never reaches 0.9 on val, or no test image is over its "
+         "threshold)."),
         "",
         "| class | AP (test) | threshold (val) | precision on val | target | precision on test | recall on test |",
         "|---|---|---|---|---|---|---|",
@@ -88,8 +89,8 @@ def markdown(result: dict) -> str:
         on_val = val["operating_point"]["per_class"][name]
         lines.append(f"| {name} | {fmt(test['per_class'][name]['average_precision'])} | {fmt(at['threshold'])} | "
                      f"{fmt(on_val['precision'])} | 0.90 | {fmt(at['precision'])} | {fmt(at['recall'])} |")
-    lines += ["", f"Training's last `val/map`: {s['metrics']['val/map']:.4f} (best {s['best']['value']:.4f} at epoch "
-              f"{s['best']['epoch']}).", ""]
+    lines += ["", (f"Training's last `val/map`: {s['metrics']['val/map']:.4f} (best {s['best']['value']:.4f} at "
+                   f"epoch {s['best']['epoch']})."), ""]
     return "\n".join(lines)
 
 

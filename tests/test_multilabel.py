@@ -45,7 +45,7 @@ def test_labels_column_gives_multi_hot_targets_and_counts_unlabelled(tmp_path):
     assert data.task == "multilabel" and data.class_names == ["cat", "dog"]
     assert data.samples("train").targets.tolist() == [[1, 1], [0, 0], [0, 1]]
     assert data.unlabelled("train") == 1 and data.unlabelled("val") == 0
-    images, targets = next(iter(data.val_dataloader()))
+    _, targets = next(iter(data.val_dataloader()))
     assert targets.dtype == torch.float32 and targets.tolist() == [[1.0, 0.0], [1.0, 1.0]]
 
 
@@ -210,9 +210,9 @@ def test_report_ap_is_sklearns_and_val_thresholds_hold_on_test(canvas_run, tmp_p
     assert held_out["target"] == {"precision": 0.9} and held_out["chosen_on"]["split"] == "val"
     with open(measured / "per_class.csv") as handle:
         table = {row["class"]: row for row in csv.DictReader(handle)}
-    for name in reached:
+    for name, threshold in reached.items():
         assert table[name]["precision_at_threshold"] != ""
-        assert float(table[name]["threshold"]) == pytest.approx(reached[name], abs=1e-6)
+        assert float(table[name]["threshold"]) == pytest.approx(threshold, abs=1e-6)
 
 
 def test_export_metadata_carries_the_task_only_when_multi_label():
