@@ -58,6 +58,9 @@ def evaluate(config: EvaluateConfig) -> int:
     # predict_dataloader covers --split of any layout: folders, a held-out fraction, manifests, shards.
     datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
                                  predict_split=config.split)
+    if multilabel and datamodule.task != "multilabel":
+        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per image; "
+                         "give the multi-label manifest it was trained on (docs/multilabel.md)")
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
