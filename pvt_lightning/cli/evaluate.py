@@ -61,6 +61,9 @@ def evaluate(config: EvaluateConfig) -> int:
     if multilabel and datamodule.task != "multilabel":
         raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per image; "
                          "give the multi-label manifest it was trained on (docs/multilabel.md)")
+    if not multilabel and datamodule.task == "multilabel":
+        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the checkpoint "
+                         "predicts one class per image; evaluate a model trained with --task multilabel")
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
