@@ -170,9 +170,10 @@ def cooccurrence_png(targets: torch.Tensor, decided: torch.Tensor, class_names: 
     figure = Figure(figsize=(2 * side + 1.5, side + 1.0), dpi=DPI)
     for k, (matrix, title) in enumerate(((true.T @ true, "true labels"), (predicted.T @ predicted, "predicted"))):
         ax = figure.add_subplot(1, 2, k + 1)
-        draw_matrix(ax, matrix, list(class_names), f"co-occurrence, {title} (diagonal: images per label)", ".0f")
+        draw_matrix(ax, matrix, list(class_names), title, ".0f")
         ax.set_xlabel("label")
         ax.set_ylabel("label")
+    figure.suptitle("label co-occurrence: images labelled both row and column (diagonal: images per label)")
     figure.tight_layout()
     return png_bytes(figure)
 
