@@ -79,6 +79,24 @@ def test_folder_with_task_multilabel_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize("flags,message", [(["--loss", "focal"], "multi-label trains with --loss bce"),
+                                           (["--sampler", "balanced"], "several"),
+                                           (["--label-smoothing", "0.1"], "--label-smoothing")])
+def test_single_label_only_options_are_refused_for_multi_label(tmp_path, capsys, flags, message):
+    rows = [["a.png", "cat|dog", "train"], ["b.png", "dog", "train"], ["c.png", "cat", "val"], ["d.png", "dog", "val"]]
+    manifest = _write_manifest(tmp_path, ["path", "labels", "split"], rows)
+    assert main(["train", "--data", str(manifest), "--logdir", str(tmp_path / "runs"), "--num-workers", "0",
+                 *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_multi_label_loss_on_single_label_data_is_refused(tmp_path, capsys):
+    rows = [["a.png", "cat", "train"], ["b.png", "dog", "train"], ["c.png", "cat", "val"], ["d.png", "dog", "val"]]
+    manifest = _write_manifest(tmp_path, ["path", "label", "split"], rows)
+    assert main(["train", "--data", str(manifest), "--logdir", str(tmp_path / "runs"), "--loss", "asl"]) == 2
+    assert "multi-label loss" in capsys.readouterr().err
+
+
 # --- losses and mixing ------------------------------------------------------------------------------------------
 
 def test_asymmetric_loss_matches_the_papers_formula_by_hand():
