@@ -244,7 +244,8 @@ class RunOptions:
     checkpoint_every_minutes: NonNegativeFloat = option(30.0, "also save last.ckpt every M minutes of training "
                                                         "(0 = off); SIGTERM always saves it", "run")
     positive_class: Optional[str] = option(None, "also report precision/recall of this class (one-vs-rest)", "run")
-    threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class", "run")
+    threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class; multi-label: of "
+                                           "val/precision, val/recall, val/f1 and predict's labels", "run")
     report_precision: Optional[list[ClosedUnitInterval]] = option(
         None, "every validation epoch, per class the highest recall with at least this precision (one-vs-rest), "
         "logged as val/recall@precision0.90[/<class>]; several values allowed, at most two decimals each (default: "
