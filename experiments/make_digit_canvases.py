@@ -1,13 +1,13 @@
-"""Write a multi-label image set: canvases holding 1-3 of scikit-learn's handwritten digits, labelled with the digits present.
+"""Write a multi-label image set: canvases of 1-3 of scikit-learn's handwritten digits, labelled with their digits.
 
     python experiments/make_digit_canvases.py data/digit_canvases --size 48
     pvt-lightning train --data data/digit_canvases/manifest.csv --variant b0 --img-size 48 48
 
 Each canvas is black, ``size`` x ``size``, with 1-3 digit scans (sklearn's 1797 real 8x8 scans, upscaled to
-``size // grid`` pixels) pasted into distinct cells of a ``grid`` x ``grid`` layout (so they never overlap); its ``labels`` are the distinct digits on it,
-``|``-separated (docs/multilabel.md). The scans are split into train / val / test first (60/20/20, seeded), so a
-split's canvases only use that split's scans. ``manifest.csv`` holds ``path,labels,split``; with
-``--unlabelled N``, N extra training canvases are empty (no digit, no label).
+``size // grid`` pixels) pasted into distinct cells of a ``grid`` x ``grid`` layout (so they never overlap); its
+``labels`` are the distinct digits on it, ``|``-separated (docs/multilabel.md). The scans are split into train /
+val / test first (60/20/20, seeded), so a split's canvases only use that split's scans. ``manifest.csv`` holds
+``path,labels,split``; with ``--unlabelled N``, N extra training canvases are empty (no digit, no label).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def evaluate(config: EvaluateConfig) -> int:
     class_names = list(module.hparams.class_names)
     multilabel = module.hparams.get("task") == "multilabel"
     if multilabel:
-        check_outputs(output_dir, list(MULTILABEL_FILES) + ([OPERATING_POINT_FILE] if targeted else []), config.overwrite)
+        names = list(MULTILABEL_FILES) + ([OPERATING_POINT_FILE] if targeted else [])
+        check_outputs(output_dir, names, config.overwrite)
         if config.explain:
             raise UsageError("--explain explains one predicted class per image; this checkpoint is multi-label")
     point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
@@ -59,11 +60,11 @@ def evaluate(config: EvaluateConfig) -> int:
     datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
                                  predict_split=config.split)
     if multilabel and datamodule.task != "multilabel":
-        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per image; "
-                         "give the multi-label manifest it was trained on (docs/multilabel.md)")
+        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per "
+                         "image; give the multi-label manifest it was trained on (docs/multilabel.md)")
     if not multilabel and datamodule.task == "multilabel":
-        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the checkpoint "
-                         "predicts one class per image; evaluate a model trained with --task multilabel")
+        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the "
+                         "checkpoint predicts one class per image; evaluate a model trained with --task multilabel")
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "

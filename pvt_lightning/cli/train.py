@@ -313,7 +313,8 @@ def class_balance(config: TrainConfig, datamodule, module) -> dict:
     if config.loss == "focal":
         handling["focal_gamma"] = config.focal_gamma
     if config.loss == "asl":
-        handling.update(asl_gamma_neg=config.asl_gamma_neg, asl_gamma_pos=config.asl_gamma_pos, asl_clip=config.asl_clip)
+        handling.update(asl_gamma_neg=config.asl_gamma_neg, asl_gamma_pos=config.asl_gamma_pos,
+                        asl_clip=config.asl_clip)
     splits = {split: datamodule.samples(split) for split in ("train", "val")}
     return imbalance_summary(datamodule.class_names, splits, module.hparams.class_weights, handling)
 

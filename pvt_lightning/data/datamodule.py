@@ -78,7 +78,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int | None = None, val_split: float | None = None, seed: int = 0, augment: str = "basic",
         crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
         bad_images: str = "skip", verify_images: bool = False, pin_memory: bool | None = None,
-        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, predict_dir: str | Path | None = None, sampler: str = "none",
+        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, predict_dir: str | Path | None = None,
+        sampler: str = "none",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, bad_images_file: str | Path | None = None,
         augment_device: str = "auto", classes: str | Path | Sequence[str] | None = None,
         index_cache: str | Path | bool | None = None, predict_split: str = "val", task: str = "auto",
@@ -258,7 +259,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The resumable training loader (loaders.py) over a sampler seeded per epoch (resume.py)."""
         crop_scale = self.crop_scale
-        if self.task == "multilabel" and crop_scale == DEFAULT_CROP_SCALE:  # a small crop would cut labelled objects out
+        if self.task == "multilabel" and crop_scale == DEFAULT_CROP_SCALE:  # small crops cut labelled objects out
             crop_scale = MULTILABEL_CROP_SCALE
         transform = train_transform(self.img_size, self.augment, crop_scale, seed=self.seed)
         samples, sampler = self.samples("train"), self._train_sampler()
