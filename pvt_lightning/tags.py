@@ -21,7 +21,12 @@ F1 = "f1"
 LOSS = "loss"
 AP = "ap"
 """Metric names inside a stage: top-1/top-5 accuracy, macro precision/recall/F1, cross-entropy, macro average
-precision (logged by ``RecallAtPrecisionReport``, exact or binned by size: ``training/curves.py``)."""
+precision (single-label: ``val/ap``, logged by ``RecallAtPrecisionReport``, exact or binned by size:
+``training/curves.py``)."""
+MAP = "map"
+"""Multi-label (docs/multilabel.md): ``map`` is the macro average precision over classes, ``ap/<class>`` each
+class's; ``precision``, ``recall`` and ``f1`` are then macro figures at ``--threshold`` on each class's sigmoid, and
+``loss`` the training loss's BCE (summed over classes, mean over images)."""
 
 
 def stage_tag(stage: str, metric: str) -> str:
@@ -36,9 +41,17 @@ VAL_RECALL = stage_tag(VAL, RECALL)
 VAL_F1 = stage_tag(VAL, F1)
 VAL_LOSS = stage_tag(VAL, LOSS)
 VAL_AP = stage_tag(VAL, AP)
+VAL_MAP = stage_tag(VAL, MAP)
 
-SUMMARY_METRICS = (VAL_ACC, VAL_ACC5, VAL_PRECISION, VAL_RECALL, VAL_F1, VAL_LOSS)
-"""The final values summary.json keeps under ``metrics``."""
+
+def ap_tag(class_name: str, stage: str = VAL) -> str:
+    """Multi-label: ``val/ap/<class>``, the class's average precision."""
+    return f"{stage}/{AP}/{class_name}"
+
+
+SUMMARY_METRICS = (VAL_ACC, VAL_ACC5, VAL_PRECISION, VAL_RECALL, VAL_F1, VAL_LOSS, VAL_MAP)
+"""The final values summary.json keeps under ``metrics`` (those the run logs: ``val/map`` is multi-label's)."""
+MULTILABEL_HEADLINE_METRICS = (VAL_MAP, VAL_PRECISION, VAL_RECALL, VAL_F1)
 HEADLINE_METRICS = (VAL_ACC, VAL_PRECISION, VAL_RECALL, VAL_F1)
 """Macro figures the HParams tab lists for every run."""
 

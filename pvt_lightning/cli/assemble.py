@@ -35,7 +35,7 @@ def make_datamodule(config: Any, data_dir: Path, **overrides: Any):
     options = {"img_size": tuple(config.img_size), "batch_size": config.batch_size,
                "num_workers": config.num_workers, "crop_pct": config.crop_pct, "bad_images": config.bad_images,
                "max_image_pixels": config.max_image_pixels, "augment": getattr(config, "augment", None) or "basic"}
-    optional = ("val_split", "seed", "verify_images", "augment_device", "classes")
+    optional = ("val_split", "seed", "verify_images", "augment_device", "classes", "task")
     options.update({name: getattr(config, name) for name in optional if hasattr(config, name)})
     return ImageFolderDataModule(data_dir, **{**options, **overrides})
 
@@ -77,7 +77,8 @@ def make_callbacks(config: TrainConfig, paths: RunPaths, class_names: list[str])
                  LastCheckpointSaver(checkpoint, config.checkpoint_every_steps, config.checkpoint_every_minutes),
                  *default_callbacks(class_names, positive_class=config.positive_class, threshold=config.threshold,
                                     report_precisions=config.report_precision or DEFAULT_PRECISIONS,
-                                    batch_size=config.batch_size, inference_seconds=config.inference_seconds),
+                                    batch_size=config.batch_size, inference_seconds=config.inference_seconds,
+                                    multilabel=getattr(config, "task", None) == "multilabel"),
                  FlopsUtilization()]
     if config.early_stopping:
         callbacks.append(EarlyStopping(config.monitor, patience=config.early_stopping, mode=config.monitor_mode))

@@ -16,7 +16,9 @@ from pvt_lightning.data.demo import ensure_demo_dataset
 from pvt_lightning.errors import DataError, UsageError
 from pvt_lightning.evaluation.explain import write_explanations
 from pvt_lightning.evaluation.collect import LogitCollector, gather_predictions
-from pvt_lightning.evaluation.operating_point import OperatingPoint
+from pvt_lightning.evaluation.multilabel import FILES as MULTILABEL_FILES, multilabel_evaluation_files, \
+    multilabel_summary_lines
+from pvt_lightning.evaluation.operating_point import OPERATING_POINT_FILE, OperatingPoint
 from pvt_lightning.evaluation.report import (check_outputs, evaluation_file_names, evaluation_files, headline_metrics,
                                              summary_lines, write_outputs)
 from pvt_lightning.export.runtime import load_predictor
@@ -43,10 +45,26 @@ def evaluate(config: EvaluateConfig) -> int:
     config, preprocessing = with_checkpoint_preprocessing(config, module)
     data_dir = data_folder(config)
     class_names = list(module.hparams.class_names)
+    multilabel = module.hparams.get("task") == "multilabel"
+    if multilabel:
+        names = list(MULTILABEL_FILES) + ([OPERATING_POINT_FILE] if targeted else [])
+        check_outputs(output_dir, names, config.overwrite)
+        if config.explain:
+            raise UsageError("--explain explains one predicted class per image; this checkpoint is multi-label")
     point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
+    if point is not None and (point.task == "multilabel") != multilabel:
+        raise UsageError(f"--operating-point {config.operating_point} was written for a "
+                         f"{point.task or 'single-label'} model; this checkpoint is "
+                         f"{'multi-label' if multilabel else 'single-label'}")
     # predict_dataloader covers --split of any layout: folders, a held-out fraction, manifests, shards.
     datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
                                  predict_split=config.split)
+    if multilabel and datamodule.task != "multilabel":
+        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per "
+                         "image; give the multi-label manifest it was trained on (docs/multilabel.md)")
+    if not multilabel and datamodule.task == "multilabel":
+        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the "
+                         "checkpoint predicts one class per image; evaluate a model trained with --task multilabel")
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
@@ -58,11 +76,17 @@ def evaluate(config: EvaluateConfig) -> int:
     if not keep:
         raise DataError(f"no readable image of the {config.split} split of {data_dir} was evaluated")
     paths = [paths[i] for i in keep]
-    targets = torch.tensor([labels[path] for path in paths])
+    if multilabel:  # the multi-hot rows (N, C)
+        samples = datamodule.samples(config.split)
+        row = {path: i for i, path in enumerate(samples.paths())}
+        targets = torch.from_numpy(samples.targets[[row[path] for path in paths]]).float()
+    else:
+        targets = torch.tensor([labels[path] for path in paths])
     skipped = sorted(set(datamodule.bad_image_paths()) & set(labels))
     extra = {"data": str(data_dir), "tta": config.tta, "preprocessing": preprocessing.as_dict(),
              "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
-    report, files = evaluation_files(logits[keep], targets, paths, class_names, calibrate=config.calibrate,
+    report, files = (multilabel_evaluation_files if multilabel else evaluation_files)(
+                                     logits[keep], targets, paths, class_names, calibrate=config.calibrate,
                                      target_precision=config.target_precision, target_recall=config.target_recall,
                                      operating_point=point, split=config.split, checkpoint=str(checkpoint), extra=extra,
                                      report_precisions=config.report_precision)
@@ -73,8 +97,9 @@ def evaluate(config: EvaluateConfig) -> int:
     if config.explain:
         say(explain(config, output_dir, module, logits[keep], targets, paths, class_names, datamodule))
     if output is not None:
-        write_file(output, json.dumps(headline_metrics(report), indent=2) + "\n", overwrite=config.overwrite)
-    for line in summary_lines(report):
+        figures = multilabel_headline(report) if multilabel else headline_metrics(report)
+        write_file(output, json.dumps(figures, indent=2) + "\n", overwrite=config.overwrite)
+    for line in (multilabel_summary_lines if multilabel else summary_lines)(report):
         say(line)
     say(f"Wrote {', '.join(files)} to {output_dir}" + (f" ({len(skipped)} unreadable images skipped)" if skipped
                                                       else ""))
@@ -84,12 +109,22 @@ def evaluate(config: EvaluateConfig) -> int:
     return 0
 
 
+def multilabel_headline(report) -> dict:
+    """``--output`` of a multi-label evaluation: mAP and the macro figures at the threshold, under training's tags."""
+    split = report.get("split") or "val"
+    return {f"{split}/map": report["map"], f"{split}/precision": report["macro"]["precision"],
+            f"{split}/recall": report["macro"]["recall"], f"{split}/f1": report["macro"]["f1"],
+            f"{split}/loss": report["log_loss"],
+            **{f"{split}/recall@precision{label}": at["macro"]
+               for label, at in (report.get("recall_at_precision") or {}).get("precisions", {}).items()}}
+
+
 def remove_stale_files(output_dir: Path, written, keep: str | None = None) -> list[str]:
     """Remove the files an evaluation writes (known names only) that this evaluation did not write, except ``keep``
     (the --operating-point file being measured may live there)."""
     kept = Path(keep).expanduser().resolve() if keep else None
     removed = []
-    for name in evaluation_file_names(True):
+    for name in dict.fromkeys(evaluation_file_names(True) + list(MULTILABEL_FILES)):
         path = output_dir / name
         if name not in written and path.is_file() and path.resolve() != kept:
             path.unlink()

@@ -107,6 +107,16 @@ class DataOptions:
 
 
 @dataclass
+class TaskOptions:
+    """Single- or multi-label training."""
+
+    task: Literal["auto", "multiclass", "multilabel"] = option(
+        "auto", "multiclass: one class per image (softmax); multilabel: any number of classes per image (one sigmoid "
+        "each; a manifest with a labels column or 0/1 class columns, docs/multilabel.md); auto: multilabel for such "
+        "a manifest", "data")
+
+
+@dataclass
 class AugmentOptions:
     """Training-time augmentation and the image checks before a fit."""
 
@@ -168,10 +178,16 @@ class ImbalanceOptions:
                                                           "(every class drawn equally often), sqrt (each class in "
                                                           "proportion to the square root of its count); epochs "
                                                           "keep their length, DDP ranks split the draws", "imbalance")
-    loss: Literal["ce", "focal"] = option("ce", "training loss: cross-entropy or focal (with --focal-gamma)",
-                                          "imbalance")
+    loss: Literal["ce", "focal", "bce", "asl"] = option(
+        "ce", "training loss: cross-entropy or focal (with --focal-gamma); multi-label: bce (binary cross-entropy, "
+        "its default) or asl (asymmetric loss, --asl-*)", "imbalance")
     focal_gamma: NonNegativeFloat = option(2.0, "focal loss exponent: (1 - p)^gamma down-weights easy images; "
                                            "0 = cross-entropy", "imbalance")
+    asl_gamma_neg: NonNegativeFloat = option(4.0, "asymmetric loss: focusing exponent of the negatives", "imbalance")
+    asl_gamma_pos: NonNegativeFloat = option(0.0, "asymmetric loss: focusing exponent of the positives (0 or 1)",
+                                             "imbalance")
+    asl_clip: FractionBelowOne = option(0.05, "asymmetric loss: probability margin m; negatives with p < m add no "
+                                        "loss", "imbalance")
 
 
 @dataclass
@@ -228,7 +244,8 @@ class RunOptions:
     checkpoint_every_minutes: NonNegativeFloat = option(30.0, "also save last.ckpt every M minutes of training "
                                                         "(0 = off); SIGTERM always saves it", "run")
     positive_class: Optional[str] = option(None, "also report precision/recall of this class (one-vs-rest)", "run")
-    threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class", "run")
+    threshold: ClosedUnitInterval = option(0.5, "probability threshold for --positive-class; multi-label: of "
+                                           "val/precision, val/recall, val/f1 and predict's labels", "run")
     report_precision: Optional[list[ClosedUnitInterval]] = option(
         None, "every validation epoch, per class the highest recall with at least this precision (one-vs-rest), "
         "logged as val/recall@precision0.90[/<class>]; several values allowed, at most two decimals each (default: "
@@ -293,7 +310,7 @@ class PredictOptions:
 
 @dataclass
 class TrainConfig(OutputOptions, RunOptions, TrainerOptions, HardwareOptions, ImbalanceOptions, RecipeOptions,
-                  AugmentOptions, LoaderOptions, InputOptions, DataOptions, ModelOptions):
+                  AugmentOptions, LoaderOptions, InputOptions, TaskOptions, DataOptions, ModelOptions):
     """``pvt-lightning train``: every option of a fit (``None``: resolved when the run starts)."""
 
 

@@ -49,7 +49,18 @@ def predict(config: PredictConfig) -> int:
     point_file = (Path(config.operating_point).expanduser() if config.operating_point
                   else find_operating_point(checkpoint))
     point = OperatingPoint.load(point_file, class_names) if point_file else None
-    if point is not None and not config.operating_point:
+    multilabel = module.hparams.get("task") == "multilabel"
+    if multilabel and config.topk:
+        raise UsageError(f"--topk {config.topk}: {checkpoint} is multi-label; its `labels` column lists every class "
+                         "over its threshold (drop --topk)")
+    if point is not None and (point.task == "multilabel") != multilabel:
+        raise UsageError(f"operating point {point_file} was written for a {point.task or 'single-label'} model; "
+                         f"{checkpoint} is {'multi-label' if multilabel else 'single-label'}")
+    if multilabel and point is not None and not config.operating_point:
+        say(f"Found {point_file} next to the checkpoint; labels use 0.5 until you pass --operating-point "
+            f"{point_file} (its per-class thresholds)")
+        point = None
+    elif point is not None and not config.operating_point:
         say(f"Found {point_file} next to the checkpoint: adding calibrated_probability (temperature "
             f"{point.temperature:.3f}); pass --operating-point {point_file} to also apply its thresholds")
     elif point is not None:
@@ -60,7 +71,8 @@ def predict(config: PredictConfig) -> int:
     config, preprocessing = with_checkpoint_preprocessing(config, module)
     datamodule = make_datamodule(config, None, mean=preprocessing.mean, std=preprocessing.std, predict_dir=source)
     writer = PredictionCsvWriter(output, class_names, overwrite=config.overwrite, operating_point=point,
-                                 apply=bool(config.operating_point), topk=config.topk)
+                                 apply=bool(config.operating_point), topk=config.topk, multilabel=multilabel,
+                                 threshold=float(module.hparams.get("threshold", 0.5)))
     # Every process reads the kept parts before any writes (ranks meet first in trainer.predict), so all skip
     # the same images and the distributed sampler splits the same remainder.
     datamodule.predict_skip = writer.resume(restart_settings(config, checkpoint, source, point_file))

@@ -38,7 +38,7 @@ LOCATE = ("resume", "logdir", "name", "overwrite")
 PATHS = ("data", "pretrained", "class_weights")
 HPARAMS_FIELDS = ("variant", "img_size", "crop_pct", "lr", "weight_decay", "warmup_epochs", "drop_path",
                   "label_smoothing", "mixup", "cutmix", "linear_sra", "layer_decay", "head_lr_scale",
-                  "freeze_backbone_epochs", "loss", "focal_gamma")
+                  "freeze_backbone_epochs", "loss", "focal_gamma", "task", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
 """TrainConfig fields a checkpoint's hyper-parameters hold (used when its run folder has no hparams.yaml)."""
 
 

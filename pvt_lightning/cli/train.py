@@ -17,6 +17,7 @@ import lightning as L
 from pvt_lightning.cli.config import given_of, parse_devices, to_yaml
 from pvt_lightning.cli.limits import check_devices
 from pvt_lightning.cli.options import TrainConfig
+from pvt_lightning import tags
 from pvt_lightning.tags import VAL_ACC, VAL_PRECISION, VAL_RECALL
 from pvt_lightning.cli.resume import ResumePlan, finished_message, plan_resume, summary_parts, total_wall_time
 from pvt_lightning.data.datamodule import default_num_workers
@@ -34,6 +35,7 @@ CONFIG = TrainConfig
 
 def train(config: TrainConfig) -> int:
     """Fit a classifier as ``config`` says; returns the exit status (0)."""
+    given = given_of(config).all  # before any dataclasses.replace (a replaced config no longer knows)
     plan = plan_resume(config, given_of(config), default_img_size(config))
     if plan is not None and plan.finished:
         say(finished_message(plan))
@@ -44,6 +46,7 @@ def train(config: TrainConfig) -> int:
     config = resolve_data_defaults(config, data_dir, demo)
     datamodule = make_datamodule(config, data_dir, augment=config.augment or "basic", sampler=config.sampler)
     datamodule.setup("fit")  # every data error now, before any model is built
+    config = resolve_task(config, datamodule, given)
     config, recipe = resolve_recipe(config, datamodule.split_sizes()["train"], demo, resuming=plan is not None)
     datamodule.augment = config.augment  # the recipe's choice; loaders are built later, at fit
     check_class_options(config, datamodule.class_names)
@@ -197,6 +200,28 @@ def resolve_data_defaults(config: TrainConfig, data_dir: Path, demo: bool) -> Tr
                                precision=resolve_precision(config.precision, config.accelerator))
 
 
+def resolve_task(config: TrainConfig, datamodule, given: frozenset[str] = frozenset()) -> TrainConfig:
+    """``--task`` resolved from the data; multi-label: bce unless --loss says asl, val/map for the default monitor,
+    and a UsageError for options that only mean something with one softmax over classes."""
+    task = datamodule.task
+    if task == "multiclass":
+        if config.loss in ("bce", "asl"):
+            raise UsageError(f"--loss {config.loss} is a multi-label loss (one sigmoid per class) but the data is "
+                             "single-label; use ce or focal, or a multi-label manifest (docs/multilabel.md)")
+        return dataclasses.replace(config, task=task)
+    if config.loss in ("ce", "focal") and (config.loss in ("focal",) or "loss" in given):
+        raise UsageError(f"--loss {config.loss} needs one class per image (softmax); multi-label trains with "
+                         "--loss bce (default) or asl")
+    if config.sampler != "none":
+        raise UsageError(f"--sampler {config.sampler} draws images by their one class; multi-label images have "
+                         "several: use --class-weights balanced (positive weights per class) instead")
+    if "label_smoothing" in given and config.label_smoothing:
+        raise UsageError("--label-smoothing smooths a softmax target; multi-label (one sigmoid per class) has none")
+    monitor = tags.VAL_MAP if config.monitor == VAL_ACC else config.monitor  # val/acc is single-label only
+    return dataclasses.replace(config, task=task, loss="bce" if config.loss == "ce" else config.loss,
+                               label_smoothing=0.0, monitor=monitor)
+
+
 def resolve_recipe(config: TrainConfig, num_train_images: int, demo: bool,
                    resuming: bool = False) -> tuple[TrainConfig, Recipe]:
     """Fill every recipe field the user left unset from the recipe (then the variant's own defaults); the recipe's
@@ -265,7 +290,11 @@ def make_module(config: TrainConfig, datamodule, plan: ResumePlan | None = None)
     from pvt_lightning.training.module import ImageClassifier
 
     train_counts = class_counts(datamodule.samples("train"), datamodule.num_classes)
-    weights = resolve_class_weights(config.class_weights, datamodule.class_names, train_counts)
+    if config.task == "multilabel" and config.class_weights == "balanced":  # positive weights: negatives / positives
+        total = len(datamodule.samples("train"))
+        weights = [(total - n) / max(n, 1) for n in train_counts]
+    else:
+        weights = resolve_class_weights(config.class_weights, datamodule.class_names, train_counts)
     extra = {}
     if plan is not None:
         extra["pretrained"] = None
@@ -283,6 +312,9 @@ def class_balance(config: TrainConfig, datamodule, module) -> dict:
     handling = {"class_weights": config.class_weights, "sampler": config.sampler, "loss": config.loss}
     if config.loss == "focal":
         handling["focal_gamma"] = config.focal_gamma
+    if config.loss == "asl":
+        handling.update(asl_gamma_neg=config.asl_gamma_neg, asl_gamma_pos=config.asl_gamma_pos,
+                        asl_clip=config.asl_clip)
     splits = {split: datamodule.samples(split) for split in ("train", "val")}
     return imbalance_summary(datamodule.class_names, splits, module.hparams.class_weights, handling)
 
@@ -304,9 +336,21 @@ def banner(config: TrainConfig, recipe: Recipe, module, complexity, datamodule, 
              f"{trainer.precision} | run dir {paths.run_dir}",
              f"recipe {recipe.name} ({recipe.reason}): {recipe_values}",
              imbalance_line(class_balance(config, datamodule, module))]
+    if config.task == "multilabel":
+        lines.append(task_line(datamodule))
     if plan is not None:
         lines.append(plan.describe())
     return "\n".join(lines + schedule_warnings(config))
+
+
+def task_line(datamodule) -> str:
+    """Multi-label's banner line: the task, labels per image and the images without a label, per split."""
+    parts = []
+    for split in ("train", "val"):
+        targets = datamodule.samples(split).targets
+        parts.append(f"{split} {targets.sum(axis=1).mean():.2f} labels per image, {datamodule.unlabelled(split)} "
+                     "unlabelled")
+    return f"task multilabel (one sigmoid per class): {'; '.join(parts)}"
 
 
 def schedule_warnings(config: TrainConfig) -> list[str]:
@@ -320,7 +364,8 @@ def schedule_warnings(config: TrainConfig) -> list[str]:
 
 def final_line(paths: RunPaths, summary: dict) -> str:
     m, best = summary["metrics"], summary["best"]
-    return (f"Run saved to {paths.run_dir} | {VAL_ACC} {_fmt(m.get(VAL_ACC))} P {_fmt(m.get(VAL_PRECISION))} "
+    head = tags.VAL_MAP if tags.VAL_MAP in m else VAL_ACC
+    return (f"Run saved to {paths.run_dir} | {head} {_fmt(m.get(head))} P {_fmt(m.get(VAL_PRECISION))} "
             f"R {_fmt(m.get(VAL_RECALL))} | best {best['metric']} {_fmt(best['value'])} at epoch "
             f"{best['epoch']} | {summary['wall_time_s']:.0f} s")
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from pvt_lightning.data.dataset import BAD_IMAGE_POLICIES, BadImageLog, CollateDroppingBad, ImageDataset
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS
-from pvt_lightning.data.discover import DatasetIndex, discover
+from pvt_lightning.data.discover import DatasetIndex, discover, resolve_task
 from pvt_lightning.data.folders import list_images
 from pvt_lightning.data.gpu_augment import AUGMENT_DEVICES, DeviceAugment, ShrinkToFit, UncroppedImages, collate_uncropped, \
     resolve_augment_device
@@ -33,6 +33,11 @@ from pvt_lightning.errors import BadImageError, DataError
 from pvt_lightning.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("pvt_lightning.data")
+
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+MULTILABEL_CROP_SCALE = (0.5, 1.0)
+"""Multi-label training crops keep at least half the image: a crop of 8% (the single-label default) mostly drops
+objects whose labels the image still carries."""
 
 
 def default_num_workers() -> int:
@@ -73,15 +78,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int | None = None, val_split: float | None = None, seed: int = 0, augment: str = "basic",
         crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
         bad_images: str = "skip", verify_images: bool = False, pin_memory: bool | None = None,
-        crop_scale: tuple[float, float] = (0.08, 1.0), predict_dir: str | Path | None = None, sampler: str = "none",
+        crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, predict_dir: str | Path | None = None,
+        sampler: str = "none",
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, bad_images_file: str | Path | None = None,
         augment_device: str = "auto", classes: str | Path | Sequence[str] | None = None,
-        index_cache: str | Path | bool | None = None, predict_split: str = "val",
+        index_cache: str | Path | bool | None = None, predict_split: str = "val", task: str = "auto",
     ) -> None:
         """See the class docstring; ``num_workers`` defaults to min(8, CPUs), ``pin_memory`` to CUDA availability,
         ``crop_scale`` is RandomResizedCrop's area range, ``predict_dir`` a folder (flat or nested) to predict,
         ``predict_split`` the split predicted without one, ``max_image_pixels`` the pixel budget per image,
-        checked from each file's header (0 or None: no limit)."""
+        checked from each file's header (0 or None: no limit), ``task`` auto/multiclass/multilabel (multi-label:
+        a manifest's ``labels`` or 0/1 class columns; targets become float multi-hot (B, C); docs/multilabel.md)."""
         super().__init__()
         check_choices(bad_images, sampler, augment_device, max_image_pixels)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else None
@@ -98,6 +105,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.max_image_pixels = max_image_pixels or None
         self.augment_device = augment_device  # training augmentation: "cpu" workers, "gpu" per batch (gpu_augment.py)
         self.classes, self.index_cache, self.predict_split = classes, index_cache, predict_split
+        self.task_option = task
         train_transform(self.img_size, augment, self.crop_scale)  # fail on a bad augment name now, not in a worker
         eval_transform(self.img_size, crop_pct)
         self._device_augment: DeviceAugment | None = None
@@ -150,6 +158,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         return list(self._index.class_names)
 
     @property
+    def task(self) -> str:
+        """``multiclass`` or ``multilabel`` (``task="auto"`` resolved from the data)."""
+        self._scan()
+        return "multilabel" if self._index.splits["train"].targets is not None else "multiclass"
+
+    def unlabelled(self, split: str) -> int:
+        """Multi-label: images of ``split`` with no label (0 for single-label data)."""
+        targets = self.samples(split).targets
+        return 0 if targets is None else int((targets.sum(axis=1) == 0).sum())
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -179,15 +198,18 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError("this data module has no data_dir (it was made for prediction only); "
                             "the class names come from the checkpoint")
         root = self.data_dir
-        build = partial(discover, root, self.val_split, self.seed, self.classes)
         if not root.exists():
-            build()  # the DataError naming the missing path
+            discover(root, self.val_split, self.seed, self.classes)  # the DataError naming the missing path
+        task = resolve_task(root, self.task_option)
+        build = partial(discover, root, self.val_split, self.seed, self.classes, task)
         if is_shards(root):
             self._index = open_shards(root, self.classes, self.val_split)
             return
         classes = os.fspath(Path(self.classes).expanduser().resolve()) if isinstance(self.classes, (str, Path)) \
             else self.classes if self.classes is None else list(self.classes)
         options = {"val_split": self.val_split, "seed": self.seed, "classes": classes}
+        if task == "multilabel":  # single-label runs keep their cache keys (and cached indexes)
+            options["task"] = task
         index, self.index_file, self.index_reused = load_or_build(root, options, build,
                                                                   resolve_cache_dir(self.index_cache))
         if self.verify_images:
@@ -244,7 +266,10 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """The resumable training loader (loaders.py) over a sampler seeded per epoch (resume.py)."""
-        transform = train_transform(self.img_size, self.augment, self.crop_scale, seed=self.seed)
+        crop_scale = self.crop_scale
+        if self.task == "multilabel" and crop_scale == DEFAULT_CROP_SCALE:  # small crops cut labelled objects out
+            crop_scale = MULTILABEL_CROP_SCALE
+        transform = train_transform(self.img_size, self.augment, crop_scale, seed=self.seed)
         samples, sampler = self.samples("train"), self._train_sampler()
         if self.train_augment_device() == "gpu":  # workers only decode; on_after_batch_transfer augments
             rank = self.trainer.global_rank if self.trainer is not None else 0

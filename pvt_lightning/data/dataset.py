@@ -153,7 +153,11 @@ class ImageDataset(Dataset):
         path, label = self.samples.path(index), int(self.samples.labels[index])
         image = self.transform(image=self.read(index))["image"]  # uint8 (H, W, 3)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 (3, H, W), a view
-        return (tensor, path) if self.with_paths else (tensor, label)
+        if self.with_paths:
+            return tensor, path
+        if self.samples.targets is not None:  # multi-label: the float multi-hot row (C,)
+            return tensor, torch.from_numpy(self.samples.targets[index].astype(np.float32))
+        return tensor, label
 
     def reseed(self, seed: int) -> None:
         """Give this process's copy of the augmentation its own random stream (workers start as clones)."""

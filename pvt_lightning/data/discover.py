@@ -15,7 +15,7 @@ from typing import Sequence
 
 from pvt_lightning.data.folders import check_enough_classes, scan_split, stratified_split
 from pvt_lightning.data.index import SampleIndex
-from pvt_lightning.data.manifest import is_manifest, read_manifests
+from pvt_lightning.data.manifest import is_manifest, manifest_task, read_manifests
 from pvt_lightning.errors import DataError
 
 log = logging.getLogger("pvt_lightning.data")
@@ -66,15 +66,33 @@ def resolve_classes(classes: str | Path | Sequence[str] | None) -> tuple[list[st
     return names, []
 
 
+TASKS = ("auto", "multiclass", "multilabel")
+"""``--task``: auto is multilabel for a manifest with a labels column or 0/1 class columns (manifest.py)."""
+FOLDER_MULTILABEL = ("folders cannot express several labels per image (one folder = one class); use a manifest "
+                     "with a labels column (class names separated by '|') or one 0/1 column per class "
+                     "(docs/multilabel.md)")
+
+
+def resolve_task(source: Path, task: str) -> str:
+    """``multiclass`` or ``multilabel`` for the data at ``source``; DataError for multilabel folders."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if source.exists() and is_manifest(source):
+        return manifest_task(source) if task == "auto" else task
+    if task == "multilabel":
+        raise DataError(f"--task multilabel with {source}: {FOLDER_MULTILABEL}")
+    return "multiclass"
+
+
 def discover(source: Path, val_split: float | None, seed: int,
-             classes: str | Path | Sequence[str] | None = None) -> DatasetIndex:
-    """Class names and samples of every split found under / in ``source``."""
+             classes: str | Path | Sequence[str] | None = None, task: str = "multiclass") -> DatasetIndex:
+    """Class names and samples of every split found under / in ``source`` (``task``: resolved, not auto)."""
     names, watched = resolve_classes(classes)
     if not source.exists():
         raise DataError(f"data folder {source} does not exist; check the path "
                         "(expected train/ and val/ class folders, or class folders plus val_split)")
     if is_manifest(source):
-        class_names, splits, skipped, files = read_manifests(source, names)
+        class_names, splits, skipped, files = read_manifests(source, names, task)
         check_enough_classes(class_names, source)
         watched += [os.fspath(f) for f in files] + [os.fspath(source.resolve().parent)]
         hint = (f"manifest {source} has no validation rows: add a val manifest next to it (same columns, the "

@@ -23,16 +23,24 @@ Sample = tuple[str, int]
 
 class SampleIndex(Sequence):
     """A read-only sequence of ``(path, label)``: ``index[i]``, ``len(index)``, iteration, ``index.path(i)``,
-    ``index.labels`` (int32 array), ``index.take(positions)`` (a subset, still arrays)."""
+    ``index.labels`` (int32 array), ``index.take(positions)`` (a subset, still arrays).
 
-    __slots__ = ("blob", "offsets", "labels")
+    Multi-label data also holds ``targets``: a uint8 (N, C) multi-hot matrix (row i: the classes of sample i,
+    all 0 for an image without a label); ``labels`` is then each sample's first class (-1 without one), used only
+    to spread validation hold-outs over the classes. Single-label data has ``targets`` None."""
 
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray, labels: np.ndarray) -> None:
+    __slots__ = ("blob", "offsets", "labels", "targets")
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
+                 targets: np.ndarray | None = None) -> None:
         if len(offsets) != len(labels) + 1:
             raise ValueError(f"offsets must have one entry more than labels, got {len(offsets)} and {len(labels)}")
         self.blob = np.ascontiguousarray(blob, dtype=np.uint8)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.labels = np.ascontiguousarray(labels, dtype=np.int32)
+        if targets is not None and (targets.ndim != 2 or len(targets) != len(labels)):
+            raise ValueError(f"targets must be (samples, classes), got shape {targets.shape} for {len(labels)} samples")
+        self.targets = None if targets is None else np.ascontiguousarray(targets, dtype=np.uint8)
 
     @classmethod
     def from_paths(cls, paths: Sequence[str], labels: Iterable[int] | int) -> "SampleIndex":
@@ -45,6 +53,14 @@ class SampleIndex(Sequence):
         if isinstance(labels, (int, np.integer)):
             labels = np.full(len(encoded), labels, dtype=np.int32)
         return cls(blob, offsets, np.fromiter(labels, dtype=np.int32, count=len(encoded)))
+
+    @classmethod
+    def multilabel(cls, paths: Sequence[str], targets: np.ndarray) -> "SampleIndex":
+        """``paths`` with a multi-hot row each (``targets``: (N, C) of 0/1)."""
+        targets = np.asarray(targets, dtype=np.uint8).reshape(len(paths), -1)
+        first = np.where(targets.any(axis=1), targets.argmax(axis=1), -1)
+        plain = cls.from_paths(paths, first)
+        return cls(plain.blob, plain.offsets, plain.labels, targets)
 
     @classmethod
     def of(cls, samples: "Sequence[Sample] | SampleIndex") -> "SampleIndex":
@@ -60,8 +76,9 @@ class SampleIndex(Sequence):
         starts = np.cumsum([0] + [len(part.blob) for part in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [part.offsets[1:] + start
                                                           for part, start in zip(parts, starts)])
+        targets = None if parts[0].targets is None else np.concatenate([part.targets for part in parts])
         return cls(np.concatenate([part.blob for part in parts]), offsets,
-                   np.concatenate([part.labels for part in parts]))
+                   np.concatenate([part.labels for part in parts]), targets)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,7 +117,8 @@ class SampleIndex(Sequence):
         view = memoryview(self.blob)
         joined = b"".join([view[start:end] for start, end in zip(starts.tolist(), ends.tolist())])
         blob = np.frombuffer(joined, dtype=np.uint8) if joined else np.zeros(0, np.uint8)
-        return SampleIndex(blob, offsets, self.labels[positions])
+        return SampleIndex(blob, offsets, self.labels[positions],
+                           None if self.targets is None else self.targets[positions])
 
     def where(self, keep: np.ndarray) -> "SampleIndex":
         """The samples whose entry of the boolean mask ``keep`` is True."""
@@ -109,7 +127,9 @@ class SampleIndex(Sequence):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SampleIndex):
             return (np.array_equal(self.labels, other.labels) and np.array_equal(self.offsets, other.offsets)
-                    and np.array_equal(self.blob, other.blob))
+                    and np.array_equal(self.blob, other.blob)
+                    and (self.targets is None) == (other.targets is None)
+                    and (self.targets is None or np.array_equal(self.targets, other.targets)))
         if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
             return len(other) == len(self) and all(a == tuple(b) for a, b in zip(self, other))
         return NotImplemented
@@ -120,12 +140,18 @@ class SampleIndex(Sequence):
         return f"SampleIndex({len(self)} samples, {self.blob.nbytes / 2**20:.1f} MiB of paths)"
 
     def nbytes(self) -> int:
-        return self.blob.nbytes + self.offsets.nbytes + self.labels.nbytes
+        return self.blob.nbytes + self.offsets.nbytes + self.labels.nbytes + \
+            (0 if self.targets is None else self.targets.nbytes)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        """The three arrays under ``prefix/...`` keys, for ``np.savez``."""
-        return {f"{prefix}/blob": self.blob, f"{prefix}/offsets": self.offsets, f"{prefix}/labels": self.labels}
+        """The three arrays (four with multi-label targets) under ``prefix/...`` keys, for ``np.savez``."""
+        arrays = {f"{prefix}/blob": self.blob, f"{prefix}/offsets": self.offsets, f"{prefix}/labels": self.labels}
+        if self.targets is not None:
+            arrays[f"{prefix}/targets"] = self.targets
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "SampleIndex":
-        return cls(arrays[f"{prefix}/blob"], arrays[f"{prefix}/offsets"], arrays[f"{prefix}/labels"])
+        names = arrays.files if hasattr(arrays, "files") else arrays
+        targets = arrays[f"{prefix}/targets"] if f"{prefix}/targets" in names else None
+        return cls(arrays[f"{prefix}/blob"], arrays[f"{prefix}/offsets"], arrays[f"{prefix}/labels"], targets)

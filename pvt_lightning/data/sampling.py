@@ -28,7 +28,10 @@ CLASS_WEIGHTS = ("none", "balanced")
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
-    """Images per class index, 0..num_classes-1 (classes with no image count 0)."""
+    """Images per class index, 0..num_classes-1 (classes with no image count 0); multi-label: images labelled
+    with each class."""
+    if isinstance(samples, SampleIndex) and samples.targets is not None:
+        return samples.targets.sum(axis=0, dtype=np.int64)[:num_classes].tolist()
     if isinstance(samples, SampleIndex):
         return np.bincount(samples.labels[samples.labels >= 0], minlength=num_classes)[:num_classes].tolist()
     counts = Counter(label for _, label in samples)

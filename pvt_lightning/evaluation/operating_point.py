@@ -33,13 +33,19 @@ class OperatingPoint:
     target: dict[str, float] = field(default_factory=dict)
     split: str | None = None
     checkpoint: str | None = None
+    task: str | None = None
+    """``multilabel``: each threshold applies to its class's own sigmoid and an image takes every label over its
+    threshold (evaluation/multilabel.py); None (not written): single-label, softmax and one decision per image."""
 
     @property
     def unreachable(self) -> list[str]:
         return [name for name, t in self.thresholds.items() if t is None]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        fields = asdict(self)
+        if fields["task"] is None:  # single-label files stay as they were
+            del fields["task"]
+        return json.dumps(fields, indent=2) + "\n"
 
     @classmethod
     def load(cls, path: str | Path, class_names: Sequence[str] | None = None) -> "OperatingPoint":
@@ -56,7 +62,8 @@ class OperatingPoint:
             raise DataError(f"cannot read operating point file {path}: {err.strerror}") from None
         target = raw.get("target") if isinstance(raw, dict) else None
         point = cls(check_temperature(raw, path), check_thresholds(raw, path),
-                    target if isinstance(target, dict) else {}, raw.get("split"), raw.get("checkpoint"))
+                    target if isinstance(target, dict) else {}, raw.get("split"), raw.get("checkpoint"),
+                    raw.get("task") if raw.get("task") in ("multilabel",) else None)
         return point if class_names is None else point.for_classes(class_names, path)
 
     def for_classes(self, class_names: Sequence[str], path: str | Path = "operating point") -> "OperatingPoint":

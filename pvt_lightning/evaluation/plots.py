@@ -55,7 +55,7 @@ def confusion_matrix_png(confusion: torch.Tensor, class_names: Sequence[str]) ->
 
 def pr_curves_png(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
                   ap: torch.Tensor | None = None) -> bytes:
-    """One-vs-rest PR curve per class with its AP in the legend; above ``MAX_PR_CURVES`` classes, the worst
+    """One-vs-rest PR curve per class (multi-label: ``targets`` (N, C), each class's own column) with its AP in the legend; above ``MAX_PR_CURVES`` classes, the worst
     ones by AP and a histogram of every class's AP. ``ap``: the per-class APs if already computed (C,)."""
     n = len(class_names)
     ap = MulticlassAveragePrecision(n, average=None)(probs, targets) if ap is None else ap
@@ -65,7 +65,8 @@ def pr_curves_png(probs: torch.Tensor, targets: torch.Tensor, class_names: Seque
     figure = Figure(figsize=(14 if aggregate else 7, 6), dpi=DPI)
     ax = figure.add_subplot(1, 2 if aggregate else 1, 1)
     for i in shown:
-        precision, recall, _ = BinaryPrecisionRecallCurve()(probs[:, i], (targets == i).long())
+        positive = targets[:, i] if targets.ndim == 2 else targets == i  # multi-label: the class's own column
+        precision, recall, _ = BinaryPrecisionRecallCurve()(probs[:, i], positive.long())
         ax.step(recall.numpy(), precision.numpy(), where="post", label=f"{class_names[i]} (AP {ap[i]:.3f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.02))
     macro = ap[ranked].mean().item() if ranked else float("nan")

@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from pvt_lightning.errors import PATH_ERRORS, UsageError, printable
+from pvt_lightning.evaluation.multilabel import multilabel_prediction_columns, multilabel_prediction_rows
 from pvt_lightning.evaluation.report import prediction_columns, prediction_rows
 from pvt_lightning.runs.io import atomic_open, write_file
 
@@ -62,14 +63,17 @@ class PredictionCsvWriter(BasePredictionWriter):
     """
 
     def __init__(self, path: Path, class_names: Sequence[str], overwrite: bool = False, operating_point=None,
-                 apply: bool = False, topk: int = 0):
+                 apply: bool = False, topk: int = 0, multilabel: bool = False, threshold: float = 0.5):
         """``operating_point`` (an ``evaluation.OperatingPoint``): with ``apply``, decisions and calibrated
         probabilities; without, one extra calibrated-probability column. ``topk``: that many class/probability
-        column pairs."""
+        column pairs. ``multilabel``: a ``labels`` column (every class over ``threshold``, or over its own threshold
+        of an applied point) and the ``prob_<class>`` columns (evaluation/multilabel.py); no top-k."""
         super().__init__(write_interval="batch")
         self.path, self.class_names, self.overwrite = Path(path), list(class_names), overwrite
         self.operating_point, self.apply, self.topk = operating_point, apply, topk
-        self.columns = prediction_columns(self.class_names, operating_point, apply, topk)
+        self.multilabel, self.threshold = multilabel, threshold
+        self.columns = (multilabel_prediction_columns(self.class_names) if multilabel
+                        else prediction_columns(self.class_names, operating_point, apply, topk))
         self.format = output_format(self.path)
         self._file = self._csv = None
         self.rows = 0
@@ -141,8 +145,13 @@ class PredictionCsvWriter(BasePredictionWriter):
                            dataloader_idx: int = 0) -> None:
         if prediction is None:  # every image of the batch was unreadable
             return
-        self._csv.writerows(prediction_rows(prediction["paths"], prediction["logits"], self.class_names,
-                                            self.operating_point, self.apply, self.topk))
+        if self.multilabel:
+            rows = multilabel_prediction_rows(prediction["paths"], prediction["logits"], self.class_names,
+                                              self.operating_point, self.apply, self.threshold)
+        else:
+            rows = prediction_rows(prediction["paths"], prediction["logits"], self.class_names, self.operating_point,
+                                   self.apply, self.topk)
+        self._csv.writerows(rows)
         self._file.flush()  # a kill loses at most the batch being written (its partial row is ignored on restart)
         self.rows += len(prediction["paths"])
 
@@ -276,4 +285,3 @@ def output_rows(path: str | Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     with open(path, newline="", encoding="utf-8", errors=PATH_ERRORS) as f:
         return list(csv.DictReader(f))
-

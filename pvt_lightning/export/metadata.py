@@ -49,6 +49,10 @@ class ExportMetadata:
     dynamic_size: bool = False
     batch_size: int | None = None  # the fixed batch when not dynamic
     min_input_size: int = MIN_INPUT_SIZE
+    task: str = "multiclass"
+    """The graph returns logits either way; ``multiclass``: probabilities are their softmax, ``multilabel``: one
+    sigmoid per class, an image taking every label whose probability is at least ``threshold`` (docs/multilabel.md)."""
+    threshold: float = 0.5
 
     @property
     def num_classes(self) -> int:
@@ -67,8 +71,12 @@ class ExportMetadata:
                    crop_pct=float(preprocessing.crop_pct), **fields)
 
     def to_strings(self) -> dict[str, str]:
-        """One JSON value per key (ONNX ``metadata_props`` hold strings)."""
-        return {key: json.dumps(value) for key, value in dataclasses.asdict(self).items()}
+        """One JSON value per key (ONNX ``metadata_props`` hold strings); single-label files carry no task keys,
+        as before multi-label existed (readers default to multiclass)."""
+        values = dataclasses.asdict(self)
+        if self.task == "multiclass":
+            del values["task"], values["threshold"]
+        return {key: json.dumps(value) for key, value in values.items()}
 
     @classmethod
     def from_strings(cls, props: Mapping[str, str], source: str = "the file") -> "ExportMetadata":

@@ -79,7 +79,8 @@ class ExportedClassifier(nn.Module):
         meta = self.metadata
         return AttributeDict(variant=meta.variant, num_classes=meta.num_classes, class_names=list(meta.class_names),
                              img_size=list(meta.img_size), mean=list(meta.mean), std=list(meta.std),
-                             crop_pct=meta.crop_pct, linear_sra=meta.linear_sra)
+                             crop_pct=meta.crop_pct, linear_sra=meta.linear_sra, task=meta.task,
+                             threshold=meta.threshold)
 
     def check_input(self, x: torch.Tensor) -> None:
         meta = self.metadata

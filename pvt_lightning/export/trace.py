@@ -192,5 +192,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str
     hp = module.hparams
     preprocessing = Preprocessing.from_dict(dict(hp)).replace(img_size=img_size or None, crop_pct=crop_pct)
     metadata = ExportMetadata.from_preprocessing(preprocessing, variant=hp.variant, class_names=tuple(hp.class_names),
-                                                 linear_sra=module.linear_sra_enabled)
+                                                 linear_sra=module.linear_sra_enabled,
+                                                 task=hp.get("task", "multiclass"), threshold=hp.get("threshold", 0.5))
     return export_model(module.model, output, format=format, img_size=metadata.img_size, metadata=metadata, **kwargs)

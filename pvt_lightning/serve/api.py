@@ -43,6 +43,7 @@ class ClassifierAPI(ls.LitAPI):
         self.point = (OperatingPoint.load(self.operating_point_path, self.class_names)
                       if self.operating_point_path else None)
         self.thresholds = list(self.point.thresholds.values()) if self.point else None
+        self.multilabel, self.threshold = info.task == "multilabel", info.threshold
 
     def decode_request(self, request: ImageUpload, **kwargs: Any) -> torch.Tensor:
         return torch.from_numpy(request["image"])  # uint8 (3, H, W)
@@ -58,7 +59,8 @@ class ClassifierAPI(ls.LitAPI):
         single = x.ndim == 3
         images = normalize((x[None] if single else x).to(self.model_device), self.mean, self.std)
         logits = self.model(images).float().cpu()
-        probs = calibrated_probs(logits, self.point.temperature if self.point else 1.0)
+        temperature = self.point.temperature if self.point else 1.0
+        probs = (logits / temperature).sigmoid() if self.multilabel else calibrated_probs(logits, temperature)
         return probs[0] if single else probs
 
     def unbatch(self, output: torch.Tensor) -> list:
@@ -66,7 +68,8 @@ class ClassifierAPI(ls.LitAPI):
 
     def encode_response(self, probs: torch.Tensor, **kwargs: Any) -> dict:
         """``{"top": [{"class", "probability"}...], "probabilities": {class: p}, "decision"}`` (decision only
-        with an operating point)."""
+        with an operating point); multi-label: sigmoid probabilities and ``"labels"``, every class over its
+        threshold, instead of a decision."""
         from pvt_lightning.evaluation.operating_point import decide
 
         k = min(self.top_k, len(self.class_names))
@@ -76,7 +79,12 @@ class ClassifierAPI(ls.LitAPI):
             "top": [{"class": self.class_names[i], "probability": p} for p, i in zip(values.tolist(), indices.tolist())],
             "probabilities": dict(zip(self.class_names, every)),
         }
-        if self.point is not None:
+        if self.multilabel:  # every label at or above its threshold (the operating point's, else the model's)
+            from pvt_lightning.evaluation.multilabel import over_thresholds
+
+            over = over_thresholds(probs[None], self.thresholds if self.point else self.threshold)[0]
+            response["labels"] = [name for name, on in zip(self.class_names, over.tolist()) if on]
+        elif self.point is not None:
             chosen = int(decide(probs[None], self.thresholds)[0])
             response["decision"] = ABSTAIN if chosen < 0 else self.class_names[chosen]
         return response

@@ -31,11 +31,16 @@ class ModelInfo:
     variant: str
     class_names: tuple[str, ...]
     preprocessing: Preprocessing
+    task: str = "multiclass"
+    threshold: float = 0.5
 
     def describe(self) -> dict:
-        """For LitServe's ``/info``: variant, classes and preprocessing."""
-        return {"model": str(self.path), "variant": self.variant, "classes": list(self.class_names),
+        """For LitServe's ``/info``: variant, classes and preprocessing (and the task when multi-label)."""
+        info = {"model": str(self.path), "variant": self.variant, "classes": list(self.class_names),
                 "preprocessing": self.preprocessing.as_dict()}
+        if self.task == "multilabel":
+            info.update(task=self.task, threshold=self.threshold)
+        return info
 
 
 def check_model_path(path: str | Path) -> Path:
@@ -53,12 +58,13 @@ def model_info(path: str | Path) -> ModelInfo:
     path = check_model_path(path)
     if is_exported_file(path):
         meta = read_metadata(path)
-        return ModelInfo(path, meta.variant, tuple(meta.class_names), meta.preprocessing)
+        return ModelInfo(path, meta.variant, tuple(meta.class_names), meta.preprocessing, meta.task, meta.threshold)
     hparams = dict(read_state_dict_file(path).get("hyper_parameters") or {})
     if not hparams:
         raise CheckpointError(f"{path} is not a pvt-lightning training checkpoint (.ckpt from runs/.../checkpoints)")
     names = hparams.get("class_names") or [str(i) for i in range(int(hparams["num_classes"]))]
-    return ModelInfo(path, str(hparams.get("variant")), tuple(names), Preprocessing.from_dict(hparams))
+    return ModelInfo(path, str(hparams.get("variant")), tuple(names), Preprocessing.from_dict(hparams),
+                     str(hparams.get("task", "multiclass")), float(hparams.get("threshold", 0.5)))
 
 
 def load_model(path: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = False) -> nn.Module:

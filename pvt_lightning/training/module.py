@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall, \
+    MultilabelAveragePrecision, MultilabelF1Score, MultilabelPrecision, MultilabelRecall
 from torchvision.transforms import v2
 
 from pvt_lightning import tags
 from pvt_lightning.models import create_model, load_pretrained, measure_complexity
 from pvt_lightning.models.registry import DEFAULT_IMG_SIZE, Preprocessing, variant_spec
-from pvt_lightning.training.losses import LOSSES, classification_loss
+from pvt_lightning.training.losses import LOSSES, MULTILABEL_LOSSES, classification_loss, multilabel_loss
 from pvt_lightning.training.optim import WarmupCosine, classifier_head, init_new_head, param_groups, schedule_factors
 from pvt_lightning.training.recipes import PAPER
 
@@ -44,6 +45,55 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+def multilabel_metrics(num_classes: int, prefix: str, threshold: float) -> MetricCollection:
+    """Multi-label: macro precision/recall/F1 at ``threshold`` on each class's sigmoid, synchronised across ranks
+    (the average precision is kept apart: ``multilabel_ap``)."""
+    return MetricCollection(
+        {
+            tags.PRECISION: MultilabelPrecision(num_classes, threshold=threshold, average="macro"),
+            tags.RECALL: MultilabelRecall(num_classes, threshold=threshold, average="macro"),
+            tags.F1: MultilabelF1Score(num_classes, threshold=threshold, average="macro"),
+        },
+        prefix=prefix, compute_groups=False,
+    )
+
+
+def multilabel_ap(num_classes: int) -> MultilabelAveragePrecision:
+    """Per-class average precision, exact (every score a threshold, as scikit-learn's average_precision_score)."""
+    return MultilabelAveragePrecision(num_classes, average=None, thresholds=None)
+
+
+TASKS = ("multiclass", "multilabel")
+
+
+class LabelVectorMix(nn.Module):
+    """Multi-label MixUp / CutMix (one of them per batch when both are on): the images are mixed as torchvision's
+    ``v2.MixUp`` / ``v2.CutMix`` mix them (with the batch rolled by one, lambda ~ Beta(alpha, alpha); CutMix's
+    lambda corrected to the pasted box's area) and the label vectors with the same lambda:
+    ``y = lam y_i + (1 - lam) y_j``, a soft multi-hot target for the sigmoid losses."""
+
+    def __init__(self, mixup: float, cutmix: float) -> None:
+        super().__init__()
+        self.choices = [(kind, alpha) for kind, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0]
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, alpha = self.choices[int(torch.randint(len(self.choices), ()))]
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        other_images, other_targets = images.roll(1, 0), targets.roll(1, 0)
+        if kind == "mixup":
+            images = images * lam + other_images * (1.0 - lam)
+        else:
+            height, width = images.shape[-2:]
+            cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+            half_h, half_w = int(0.5 * height * (1 - lam) ** 0.5), int(0.5 * width * (1 - lam) ** 0.5)
+            y0, y1 = max(cy - half_h, 0), min(cy + half_h, height)
+            x0, x1 = max(cx - half_w, 0), min(cx + half_w, width)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = other_images[..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        return images, targets * lam + other_targets * (1.0 - lam)
+
+
 def checked_hparams(given: Mapping[str, Any]) -> dict[str, Any]:
     """``ImageClassifier``'s arguments as its checkpoints keep them: checked, unset ones resolved from the variant's
     record (drop path, preprocessing), and plain Python data only, so checkpoints load with weights_only=True."""
@@ -56,6 +106,11 @@ def checked_hparams(given: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
     if hp["loss"] not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {hp['loss']!r}")
+    if hp["task"] not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {hp['task']!r}")
+    if (hp["loss"] in MULTILABEL_LOSSES) != (hp["task"] == "multilabel"):
+        raise ValueError(f"loss {hp['loss']!r} does not fit task {hp['task']!r}: multilabel trains with "
+                         f"{' or '.join(MULTILABEL_LOSSES)}, multiclass with ce or focal")
     class_weights = hp["class_weights"]
     if class_weights is not None:
         class_weights = [float(w) for w in class_weights]
@@ -109,11 +164,18 @@ class ImageClassifier(L.LightningModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str | None = None,
+        task: str = "multiclass",
+        threshold: float = 0.5,
+        asl_gamma_neg: float = 4.0,
+        asl_gamma_pos: float = 0.0,
+        asl_clip: float = 0.05,
     ):
         """``lr``: peak rate (default: the paper recipe's rate at a total batch of 512); ``warmup_lr``/``min_lr``:
         absolute start and end of the schedule (default: 0.001x and 0.01x ``lr``); ``drop_path``: default the
         variant's; ``class_weights``: one loss weight per class; ``crop_pct``, ``mean``, ``std``, ``interpolation``:
-        the evaluation preprocessing kept in checkpoints (default: the variant's, ``variant_spec().preprocessing``)."""
+        the evaluation preprocessing kept in checkpoints (default: the variant's, ``variant_spec().preprocessing``).
+        ``task`` "multilabel": one sigmoid per class, targets float multi-hot (B, C), ``loss`` bce or asl (with
+        ``asl_*``), ``class_weights`` the positive weights, metrics mAP and precision/recall/F1 at ``threshold``."""
         given = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters(checked_hparams(given))
@@ -124,13 +186,21 @@ class ImageClassifier(L.LightningModule):
             init_new_head(classifier_head(self.model))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.mix = self._build_mix(num_classes, mixup, cutmix)
+        self.multilabel = hp.task == "multilabel"
+        self.mix = (LabelVectorMix(mixup, cutmix) if mixup > 0 or cutmix > 0 else None) if self.multilabel \
+            else self._build_mix(num_classes, mixup, cutmix)
         # Not in the state dict: the hyper-parameters rebuild it, and older checkpoints load unchanged.
         self.register_buffer("class_weight", None if hp.class_weights is None else torch.tensor(hp.class_weights),
                              persistent=False)
+        self.history: dict[int, dict[str, float]] = {}  # multi-label: epoch -> val/map, precision, recall, f1, loss
         self.frozen_steps = 0  # optimizer steps during which only the head learns; set by configure_optimizers
-        self.val_metrics = classification_metrics(num_classes, f"{tags.VAL}/")
-        self.test_metrics = classification_metrics(num_classes, f"{tags.TEST}/")
+        if self.multilabel:
+            self.val_metrics = multilabel_metrics(num_classes, f"{tags.VAL}/", hp.threshold)
+            self.test_metrics = multilabel_metrics(num_classes, f"{tags.TEST}/", hp.threshold)
+            self.val_ap, self.test_ap = multilabel_ap(num_classes), multilabel_ap(num_classes)
+        else:
+            self.val_metrics = classification_metrics(num_classes, f"{tags.VAL}/")
+            self.test_metrics = classification_metrics(num_classes, f"{tags.TEST}/")
 
     @classmethod
     def from_options(cls, *groups: Any, **extra: Any) -> "ImageClassifier":
@@ -189,9 +259,7 @@ class ImageClassifier(L.LightningModule):
         if self.mix is not None:
             images, targets = self.mix(images, targets)  # targets become (B, num_classes) probabilities
         logits = self(images)
-        hp = self.hparams
-        loss = classification_loss(logits, targets, label_smoothing=hp.label_smoothing, class_weight=self.class_weight,
-                                   gamma=hp.focal_gamma if hp.loss == "focal" else 0.0)
+        loss = self.loss(logits, targets)
         # One value per epoch in TensorBoard (tags line up across runs); the step loss goes to the progress bar.
         self.log(tags.TRAIN_LOSS, loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
         self.log(tags.TRAIN_LR, self.scheduled_lr(), on_step=False, on_epoch=True, sync_dist=True)
@@ -199,13 +267,34 @@ class ImageClassifier(L.LightningModule):
         self._log_epoch_as_x_axis()
         return loss
 
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``hparams.loss`` (losses.py)."""
+        hp = self.hparams
+        if self.multilabel:
+            asl = hp.loss == "asl"
+            return multilabel_loss(logits, targets, pos_weight=self.class_weight,
+                                   gamma_neg=hp.asl_gamma_neg if asl else 0.0,
+                                   gamma_pos=hp.asl_gamma_pos if asl else 0.0, clip=hp.asl_clip if asl else 0.0)
+        return classification_loss(logits, targets, label_smoothing=hp.label_smoothing, class_weight=self.class_weight,
+                                   gamma=hp.focal_gamma if hp.loss == "focal" else 0.0)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes (single-label) or one sigmoid per class (multi-label)."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)
+
     def _evaluate(self, batch, metrics: MetricCollection, stage: str):
         if batch is None:  # every image of the batch was unreadable and skipped (the data module's bad_images)
             return None
         images, targets = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, targets)
-        metrics.update(logits, targets)
+        if self.multilabel:
+            loss = multilabel_loss(logits, targets)
+            probs, hard = logits.float().sigmoid(), targets.round().long()
+            metrics.update(probs, hard)
+            (self.val_ap if stage == tags.VAL else self.test_ap).update(probs, hard)
+        else:
+            loss = F.cross_entropy(logits, targets)
+            metrics.update(logits, targets)
         self.log(tags.stage_tag(stage, tags.LOSS), loss, on_epoch=True, sync_dist=True, prog_bar=stage == tags.VAL,
                  batch_size=len(targets))
         self.log_dict(metrics, on_epoch=True, prog_bar=False)
@@ -222,11 +311,38 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._evaluate(batch, self.test_metrics, tags.TEST)
 
+    def on_validation_epoch_end(self) -> None:
+        if self.multilabel:
+            self._log_average_precision(self.val_ap, tags.VAL)
+
+    def on_test_epoch_end(self) -> None:
+        if self.multilabel:
+            self._log_average_precision(self.test_ap, tags.TEST)
+
+    def on_validation_end(self) -> None:
+        """Multi-label: keep the epoch's headline figures (``history``): summary.json reports the best epoch's."""
+        if self.multilabel and not self.trainer.sanity_checking:
+            metrics = self.trainer.callback_metrics
+            self.history[self.current_epoch] = {tag: float(metrics[tag]) for tag in
+                                                (*tags.MULTILABEL_HEADLINE_METRICS, tags.VAL_LOSS) if tag in metrics}
+
+    def _log_average_precision(self, metric: MultilabelAveragePrecision, stage: str) -> None:
+        """``<stage>/map`` (the mean over the classes that have a positive image) and ``<stage>/ap/<class>``."""
+        if not metric.update_called:
+            return
+        per_class = metric.compute().float()  # a collective under DDP: every rank computes
+        metric.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log(tags.stage_tag(stage, tags.MAP), per_class.nanmean(), prog_bar=stage == tags.VAL)
+        for name, value in zip(self.class_names, per_class):
+            self.log(tags.ap_tag(name, stage), value)
+
     def predict_step(self, batch, batch_idx):
         if batch is None:  # every image of the batch was unreadable
             return None
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).softmax(dim=-1)
+        return self.probabilities(self(images))
 
     def configure_optimizers(self):
         """AdamW, one parameter group per (layer rate, weight decay); warm-up + cosine per group, stepped every step.

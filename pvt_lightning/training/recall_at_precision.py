@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 from torchmetrics import MetricCollection
+from torchmetrics.classification import MultilabelRecallAtFixedPrecision
 
 from pvt_lightning.tags import precision_label
 from pvt_lightning.training.curves import (  # noqa: F401 (the size rule, re-exported)
@@ -53,18 +54,26 @@ def metric_key(precision: float) -> str:
 
 
 def recall_at_precision_metrics(num_classes: int, precisions: Sequence[float],
-                                thresholds: int | None) -> MetricCollection:
+                                thresholds: int | None, multilabel: bool = False) -> MetricCollection:
     """One ``MulticlassRecallAtFixedPrecision`` per P, keyed by ``metric_key``, and the per-class average
     precision (``AP_KEY``), sharing one state (the scores, or the binned counts): all read off the same
-    precision-recall curve."""
-    metrics = {metric_key(p): RecallAtFixedPrecision(num_classes, min_precision=float(p), thresholds=thresholds)
-               for p in precisions}
-    metrics[AP_KEY] = AveragePrecision(num_classes, average=None, thresholds=thresholds)
+    precision-recall curve. ``multilabel``: torchmetrics' multilabel metrics (each class on its own sigmoid,
+    multi-hot targets; their binned update is torchmetrics' own; no ``AP_KEY``: the module logs ``val/map``)."""
+    if multilabel:
+        metrics = {metric_key(p): MultilabelRecallAtFixedPrecision(num_classes, min_precision=float(p),
+                                                                   thresholds=thresholds) for p in precisions}
+    else:
+        metrics = {metric_key(p): RecallAtFixedPrecision(num_classes, min_precision=float(p), thresholds=thresholds)
+                   for p in precisions}
+        metrics[AP_KEY] = AveragePrecision(num_classes, average=None, thresholds=thresholds)
     return MetricCollection(metrics, compute_groups=[list(metrics)])  # explicit: the state is shared on purpose
 
 
 def macro_average_precision(computed: dict[str, Any]) -> tuple[float | None, list[float | None]]:
-    """The macro AP (mean over classes present) and the per-class APs (None: class absent) of a computed collection."""
+    """The macro AP (mean over classes present) and the per-class APs (None: class absent) of a computed collection
+    (None and [] for a multi-label one, which holds no AP)."""
+    if AP_KEY not in computed:
+        return None, []
     per_class = [None if math.isnan(v) else float(v) for v in computed[AP_KEY].float().cpu().tolist()]
     present = [v for v in per_class if v is not None]
     return (sum(present) / len(present) if present else None), per_class
@@ -107,11 +116,12 @@ def results_from(computed: dict[str, Any], precisions: Sequence[float],
 def recall_at_precision(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
                         precisions: Sequence[float] = DEFAULT_PRECISIONS,
                         thresholds: int | None | str = "auto") -> tuple[list[RecallAtPrecision], int | None]:
-    """Recall at each precision in ``precisions`` of probabilities (N, C) against classes (N,); ``thresholds``
-    "auto" chooses exact or binned by size (``curve_thresholds``). Returns the results and the thresholds used."""
+    """Recall at each precision in ``precisions`` of probabilities (N, C) against classes (N,), or multi-hot
+    targets (N, C) for multi-label; ``thresholds`` "auto" chooses exact or binned by size (``curve_thresholds``).
+    Returns the results and the thresholds used."""
     precisions = check_precisions(precisions)
     if thresholds == "auto":
         thresholds = curve_thresholds(len(targets), len(class_names))
-    metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds)
+    metrics = recall_at_precision_metrics(len(class_names), precisions, thresholds, multilabel=targets.ndim == 2)
     update_in_chunks(metrics, probs.float(), targets.long())
     return results_from(metrics.compute(), precisions, class_names), thresholds

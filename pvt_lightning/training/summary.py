@@ -70,7 +70,15 @@ def build_summary(trainer, module, datamodule, checkpoint, complexity, config, r
     best = {"epoch": best_epoch, "metric": config.monitor, "mode": config.monitor_mode, "value": best_score}
     if config.monitor == tags.VAL_ACC:
         best[tags.VAL_ACC] = best_score
+    if getattr(module, "multilabel", False) and best_epoch in module.history:  # the best epoch's mAP, P, R, F1
+        best.update({tag: value for tag, value in module.history[best_epoch].items() if tag != config.monitor})
     fixed_precision = recall_at_precision_figures(trainer, metrics, best)
+    if getattr(module, "multilabel", False):
+        fixed_precision["multilabel"] = {"task": "multilabel", "threshold": module.hparams.threshold,
+                                         "loss": module.hparams.loss,
+                                         "average_precision": {name: float(trainer.callback_metrics[tags.ap_tag(name)])
+                                                               for name in module.class_names
+                                                               if tags.ap_tag(name) in trainer.callback_metrics}}
     return {
         "variant": config.variant, "linear_sra": module.linear_sra_enabled, "img_size": list(config.img_size),
         "num_classes": datamodule.num_classes, "class_names": list(datamodule.class_names),

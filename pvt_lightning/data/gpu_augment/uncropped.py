@@ -61,5 +61,8 @@ def collate_uncropped(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[Uncrop
         canvas[:, :h, :w] = image
         canvas[:, h:, :] = 0
         canvas[:, :h, w:] = 0
-    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+    if isinstance(batch[0][1], torch.Tensor):  # multi-label: float multi-hot rows -> (B, C)
+        labels = torch.stack([label for _, label in batch])
+    else:
+        labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     return UncroppedImages(pixels, sizes), labels

@@ -31,13 +31,15 @@ from pvt_lightning.training.recall_at_precision import DEFAULT_PRECISIONS
 
 def default_callbacks(class_names: Sequence[str], positive_class: str | None = None, threshold: float = 0.5,
                       report_precisions: Sequence[float] = DEFAULT_PRECISIONS, batch_size: int | None = None,
-                      inference_seconds: float = DEFAULT_SECONDS) -> list[L.Callback]:
+                      inference_seconds: float = DEFAULT_SECONDS, multilabel: bool = False) -> list[L.Callback]:
     """The callbacks ``run.py`` adds to every run: report, recall at fixed precision, timer, memory, HParams, the
-    epoch line and the final inference-speed measurement (``inference_seconds`` 0: off)."""
+    epoch line and the final inference-speed measurement (``inference_seconds`` 0: off). ``multilabel``: no
+    ``ClassificationReport`` (its confusion matrix and softmax one-vs-rest figures are single-label; the module
+    logs mAP and per-class AP), recall at fixed precision on each class's sigmoid."""
     timer, memory = EpochTimer(), MemoryMonitor()
     return [
-        ClassificationReport(class_names, positive_class, threshold),
-        RecallAtPrecisionReport(class_names, report_precisions, positive_class),
+        *([] if multilabel else [ClassificationReport(class_names, positive_class, threshold)]),
+        RecallAtPrecisionReport(class_names, report_precisions, positive_class, multilabel=multilabel),
         timer,
         memory,
         HParamsSummary(positive_class, threshold, report_precisions),

@@ -25,10 +25,12 @@ def format_epoch_line(epoch: int, max_epochs: int | None, metrics: Mapping[str, 
     parts = [f"epoch {epoch + 1}/{max_epochs}" if max_epochs and max_epochs > 0 else f"epoch {epoch + 1}"]
     if tags.TRAIN_LOSS in metrics:
         parts.append(f"train loss {metrics[tags.TRAIN_LOSS]:.3f}")
-    if tags.VAL_ACC in metrics:
+    head = next((tag for tag in (tags.VAL_ACC, tags.VAL_MAP) if tag in metrics), None)  # val/map: multi-label
+    if head is not None:
         at_precision = [(parsed[0], tag) for tag in metrics
                         if (parsed := tags.parse_recall_at_precision(tag)) and parsed[1] is None]
-        parts.append(" ".join([f"val acc {metrics[tags.VAL_ACC]:.3f}"] + [
+        label = "val acc" if head == tags.VAL_ACC else "val mAP"
+        parts.append(" ".join([f"{label} {metrics[head]:.3f}"] + [
             f"{label} {metrics[tag]:.3f}" for label, tag in
             (("P", tags.VAL_PRECISION), ("R", tags.VAL_RECALL), ("F1", tags.VAL_F1)) if tag in metrics] + [
             f"R@P{tags.precision_label(p)} {metrics[tag]:.3f}" for p, tag in sorted(at_precision)]))

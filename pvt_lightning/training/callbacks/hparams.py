@@ -63,7 +63,8 @@ class HParamsSummary(L.Callback):
         if self.positive_class is not None:
             params.update(positive_class=self.positive_class, threshold=self.threshold)
         memory_tags = tags.CUDA_MEMORY_TAGS if pl_module.device.type == "cuda" else tags.CPU_MEMORY_TAGS
-        metric_tags = [*tags.HEADLINE_METRICS, *(tags.recall_at_precision_tag(p) for p in self.report_precisions),
+        headline = tags.MULTILABEL_HEADLINE_METRICS if getattr(pl_module, "multilabel", False) else tags.HEADLINE_METRICS
+        metric_tags = [*headline, *(tags.recall_at_precision_tag(p) for p in self.report_precisions),
                        tags.TIME_TAG, tags.THROUGHPUT_TAG, *memory_tags]
         if self.positive_class is not None:
             metric_tags += tags.positive_class_tags(self.positive_class)

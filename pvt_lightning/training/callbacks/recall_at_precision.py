@@ -40,8 +40,9 @@ class RecallAtPrecisionReport(L.Callback):
     """
 
     def __init__(self, class_names: Sequence[str], precisions: Sequence[float] = DEFAULT_PRECISIONS,
-                 positive_class: str | None = None, exact_limit: int = EXACT_LIMIT):
+                 positive_class: str | None = None, exact_limit: int = EXACT_LIMIT, multilabel: bool = False):
         self.class_names = list(class_names)
+        self.multilabel = multilabel  # each class on its own sigmoid against multi-hot targets
         self.precisions = check_precisions(precisions)
         self.positive_class = positive_class
         self.exact_limit = exact_limit
@@ -64,7 +65,8 @@ class RecallAtPrecisionReport(L.Callback):
         if self.metrics is None:  # the validation set's size decides exact or binned (the same on every rank)
             self.validation_images = validation_size(trainer)
             self.thresholds = curve_thresholds(self.validation_images, len(self.class_names), self.exact_limit)
-            self.metrics = recall_at_precision_metrics(len(self.class_names), self.precisions, self.thresholds)
+            self.metrics = recall_at_precision_metrics(len(self.class_names), self.precisions, self.thresholds,
+                                                       self.multilabel)
         self.metrics.to(pl_module.device)
         self.metrics.reset()
         self.updated = False
@@ -73,7 +75,10 @@ class RecallAtPrecisionReport(L.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking or outputs is None:  # None: a batch of unreadable images only, skipped
             return
-        self.metrics.update(outputs["logits"].float().softmax(dim=-1), outputs["target"])
+        if self.multilabel:
+            self.metrics.update(outputs["logits"].float().sigmoid(), outputs["target"].round().long())
+        else:
+            self.metrics.update(outputs["logits"].float().softmax(dim=-1), outputs["target"])
         self.updated = True
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
