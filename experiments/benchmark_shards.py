@@ -72,13 +72,13 @@ def train(data: Path, name: str, args) -> dict:
 
 
 def report(args, speed: dict, runs: dict) -> str:
-    rate = lambda times: [speed["images"] / t for t in times]  # noqa: E731
-    files_rate, shards_rate, r = rate(speed["files_s"]), rate(speed["shards_s"]), speed["ratio"]
+    files_rate, shards_rate = ([speed["images"] / t for t in speed[key]] for key in ("files_s", "shards_s"))
+    r = speed["ratio"]
     lines = [
         f"Command: `python experiments/benchmark_shards.py {' '.join(sys.argv[1:])}`. Machine: "
         f"{platform.machine()}, {os.cpu_count()} cores shared with other agents, Python {platform.python_version()}, "
         f"torch {torch.__version__}, load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}.", "",
-        f"| measure | files | shards |", "|---|---|---|",
+        "| measure | files | shards |", "|---|---|---|",
         f"| loader images/s, {args.rounds} interleaved epochs of {speed['images']} images (median; min-max) | "
         f"{statistics.median(files_rate):.0f} ({min(files_rate):.0f}-{max(files_rate):.0f}) | "
         f"{statistics.median(shards_rate):.0f} ({min(shards_rate):.0f}-{max(shards_rate):.0f}) |",
