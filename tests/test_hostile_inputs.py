@@ -27,7 +27,7 @@ from PIL import Image
 from conftest import error_from, make_image_folder, write_jpeg
 from pvt_lightning.runs.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from pvt_lightning.errors import CheckpointSaveError
-from pvt_lightning.data import ImageFolderDataModule, decode_image, read_image
+from pvt_lightning.data import ImageFolderDataModule, read_image
 from pvt_lightning.errors import BadImageError, DataError
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, image_size
 from pvt_lightning.errors import PATH_ERRORS

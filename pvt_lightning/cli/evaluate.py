@@ -52,19 +52,10 @@ def evaluate(config: EvaluateConfig) -> int:
         if config.explain:
             raise UsageError("--explain explains one predicted class per image; this checkpoint is multi-label")
     point = OperatingPoint.load(config.operating_point, class_names) if config.operating_point else None
-    if point is not None and (point.task == "multilabel") != multilabel:
-        raise UsageError(f"--operating-point {config.operating_point} was written for a "
-                         f"{point.task or 'single-label'} model; this checkpoint is "
-                         f"{'multi-label' if multilabel else 'single-label'}")
     # predict_dataloader covers --split of any layout: folders, a held-out fraction, manifests, shards.
     datamodule = make_datamodule(config, data_dir, mean=preprocessing.mean, std=preprocessing.std,
                                  predict_split=config.split)
-    if multilabel and datamodule.task != "multilabel":
-        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per "
-                         "image; give the multi-label manifest it was trained on (docs/multilabel.md)")
-    if not multilabel and datamodule.task == "multilabel":
-        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the "
-                         "checkpoint predicts one class per image; evaluate a model trained with --task multilabel")
+    check_tasks_match(multilabel, point, config.operating_point, datamodule)
     labels = dict(datamodule.samples(config.split))
     if list(datamodule.class_names) != class_names:
         raise UsageError(f"evaluate: the checkpoint's classes {class_names} differ from {datamodule.data_dir}'s "
@@ -76,12 +67,7 @@ def evaluate(config: EvaluateConfig) -> int:
     if not keep:
         raise DataError(f"no readable image of the {config.split} split of {data_dir} was evaluated")
     paths = [paths[i] for i in keep]
-    if multilabel:  # the multi-hot rows (N, C)
-        samples = datamodule.samples(config.split)
-        row = {path: i for i, path in enumerate(samples.paths())}
-        targets = torch.from_numpy(samples.targets[[row[path] for path in paths]]).float()
-    else:
-        targets = torch.tensor([labels[path] for path in paths])
+    targets = evaluation_targets(datamodule, config.split, paths, labels, multilabel)
     skipped = sorted(set(datamodule.bad_image_paths()) & set(labels))
     extra = {"data": str(data_dir), "tta": config.tta, "preprocessing": preprocessing.as_dict(),
              "skipped_images": len(skipped), "skipped_paths": skipped[:100]}
@@ -107,6 +93,28 @@ def evaluate(config: EvaluateConfig) -> int:
         say(f"Apply it: pvt-lightning predict --input DIR --checkpoint {checkpoint} --operating-point "
             f"{output_dir / 'operating_point.json'}")
     return 0
+
+def check_tasks_match(multilabel: bool, point: OperatingPoint | None, point_file: str | None, datamodule) -> None:
+    """The checkpoint, the operating point and the data must all be single-label or all multi-label."""
+    if point is not None and (point.task == "multilabel") != multilabel:
+        raise UsageError(f"--operating-point {point_file} was written for a {point.task or 'single-label'} model; "
+                         f"this checkpoint is {'multi-label' if multilabel else 'single-label'}")
+    if multilabel and datamodule.task != "multilabel":
+        raise UsageError(f"evaluate: the checkpoint is multi-label but {datamodule.data_dir} holds one class per "
+                         "image; give the multi-label manifest it was trained on (docs/multilabel.md)")
+    if not multilabel and datamodule.task == "multilabel":
+        raise UsageError(f"evaluate: {datamodule.data_dir} is multi-label (several labels per image) but the "
+                         "checkpoint predicts one class per image; evaluate a model trained with --task multilabel")
+
+
+def evaluation_targets(datamodule, split: str, paths: list[str], labels: dict, multilabel: bool) -> torch.Tensor:
+    """The evaluated images' targets in ``paths`` order: classes (N,), or multi-hot rows (N, C) for multi-label."""
+    if not multilabel:
+        return torch.tensor([labels[path] for path in paths])
+    samples = datamodule.samples(split)
+    row = {path: i for i, path in enumerate(samples.paths())}
+    return torch.from_numpy(samples.targets[[row[path] for path in paths]]).float()
+
 
 
 def multilabel_headline(report) -> dict:

@@ -46,27 +46,11 @@ def predict(config: PredictConfig) -> int:
     if config.topk > len(class_names):
         raise UsageError(f"--topk {config.topk}: the model has {len(class_names)} classes; give at most "
                          f"{len(class_names)}")
-    point_file = (Path(config.operating_point).expanduser() if config.operating_point
-                  else find_operating_point(checkpoint))
-    point = OperatingPoint.load(point_file, class_names) if point_file else None
     multilabel = module.hparams.get("task") == "multilabel"
     if multilabel and config.topk:
         raise UsageError(f"--topk {config.topk}: {checkpoint} is multi-label; its `labels` column lists every class "
                          "over its threshold (drop --topk)")
-    if point is not None and (point.task == "multilabel") != multilabel:
-        raise UsageError(f"operating point {point_file} was written for a {point.task or 'single-label'} model; "
-                         f"{checkpoint} is {'multi-label' if multilabel else 'single-label'}")
-    if multilabel and point is not None and not config.operating_point:
-        say(f"Found {point_file} next to the checkpoint; labels use 0.5 until you pass --operating-point "
-            f"{point_file} (its per-class thresholds)")
-        point = None
-    elif point is not None and not config.operating_point:
-        say(f"Found {point_file} next to the checkpoint: adding calibrated_probability (temperature "
-            f"{point.temperature:.3f}); pass --operating-point {point_file} to also apply its thresholds")
-    elif point is not None:
-        say(f"Applying {point_file}: temperature {point.temperature:.3f}, thresholds for "
-            f"{len(point.thresholds) - len(point.unreachable)}/{len(point.thresholds)} classes (target "
-            f"{point.target}); the others are never decided")
+    point_file, point = operating_point_for(config, checkpoint, class_names, multilabel)
     check_exported_size(module, config.img_size, checkpoint)
     config, preprocessing = with_checkpoint_preprocessing(config, module)
     datamodule = make_datamodule(config, None, mean=preprocessing.mean, std=preprocessing.std, predict_dir=source)
@@ -111,3 +95,27 @@ def restart_settings(config: PredictConfig, checkpoint: Path, source: Path, poin
 
 
 run = predict
+
+
+def operating_point_for(config: PredictConfig, checkpoint: Path, class_names: list[str],
+                        multilabel: bool) -> tuple[Path | None, OperatingPoint | None]:
+    """The operating point file and its contents: ``--operating-point``, else one found next to the checkpoint
+    (single-label: only its calibrated probability is added; multi-label: not used until passed), said aloud."""
+    point_file = (Path(config.operating_point).expanduser() if config.operating_point
+                  else find_operating_point(checkpoint))
+    point = OperatingPoint.load(point_file, class_names) if point_file else None
+    if point is not None and (point.task == "multilabel") != multilabel:
+        raise UsageError(f"operating point {point_file} was written for a {point.task or 'single-label'} model; "
+                         f"{checkpoint} is {'multi-label' if multilabel else 'single-label'}")
+    if multilabel and point is not None and not config.operating_point:
+        say(f"Found {point_file} next to the checkpoint; labels use 0.5 until you pass --operating-point "
+            f"{point_file} (its per-class thresholds)")
+        point = None
+    elif point is not None and not config.operating_point:
+        say(f"Found {point_file} next to the checkpoint: adding calibrated_probability (temperature "
+            f"{point.temperature:.3f}); pass --operating-point {point_file} to also apply its thresholds")
+    elif point is not None:
+        say(f"Applying {point_file}: temperature {point.temperature:.3f}, thresholds for "
+            f"{len(point.thresholds) - len(point.unreachable)}/{len(point.thresholds)} classes (target "
+            f"{point.target}); the others are never decided")
+    return point_file, point
