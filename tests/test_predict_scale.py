@@ -82,6 +82,7 @@ def test_topk_columns_follow_the_existing_ones(model, reference):
 
 
 def test_parquet_holds_the_csv_content(model, reference, tmp_path):
+    pytest.importorskip("pyarrow")  # the [data] extra
     out = tmp_path / "preds.parquet"
     assert main(predict_argv(model, out, "--topk", "2")) == 0
     rows = by_path(output_rows(out))
