@@ -49,20 +49,26 @@ def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE
     return {"confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(), "count": count.tolist()}
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
-    """The one scalar T minimising NLL(softmax(logits / T)), by LBFGS on log T (so T stays positive)."""
-    logits = logits.detach().double()
+def minimise_over_temperature(loss_at, lr: float = 1.0, max_iter: int = 100) -> float:
+    """The T > 0 minimising ``loss_at(T)`` (a float64 scalar tensor), by LBFGS on log T (so T stays positive)."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([log_t], lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss = loss_at(log_t.exp())
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    temperature = log_t.exp().item()
+    return log_t.exp().item()
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
+    """The one scalar T minimising NLL(softmax(logits / T)), by LBFGS on log T (so T stays positive)."""
+    logits = logits.detach().double()
+    temperature = minimise_over_temperature(lambda t: F.cross_entropy(logits / t, targets), lr=1.0,
+                                            max_iter=max_iter)
     if not math.isfinite(temperature) or log_loss(logits, targets, temperature) > log_loss(logits, targets):
         return 1.0  # never worse than not calibrating
     return temperature

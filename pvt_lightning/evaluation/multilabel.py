@@ -32,11 +32,13 @@ from torchmetrics.classification import (
     MultilabelRecall,
 )
 
+from pvt_lightning.evaluation.calibration import minimise_over_temperature
 from pvt_lightning.evaluation.operating_point import (
     OPERATING_POINT_FILE,
     OperatingPoint,
 )
 from pvt_lightning.evaluation.plots import DPI, png_bytes, pr_curves_png
+from pvt_lightning.evaluation.report import _json_safe, add_recall_at_precision, per_class_csv
 from pvt_lightning.training.callbacks.figures import draw_matrix
 
 DEFAULT_THRESHOLD = 0.5
@@ -48,18 +50,10 @@ TEMPERATURE_RANGE = (1e-2, 1e2)
 def fit_sigmoid_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
     """The one T minimising the BCE of ``sigmoid(logits / T)`` against multi-hot ``targets`` (LBFGS on log T)."""
     logits, targets = logits.double(), targets.double()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    temperature = minimise_over_temperature(lambda t: F.binary_cross_entropy_with_logits(logits / t, targets),
+                                            lr=0.1, max_iter=max_iter)
     low, high = TEMPERATURE_RANGE
-    return float(min(max(log_t.exp().item(), low), high))
+    return float(min(max(temperature, low), high))
 
 
 def bce(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
@@ -191,14 +185,6 @@ def multilabel_evaluation_files(logits: torch.Tensor, targets: torch.Tensor, pat
     (module docstring) and thresholds, decisions and the written probabilities use ``sigmoid(logits / T)``.
     A given ``operating_point`` (chosen on another split) is measured here instead of choosing one.
     """
-    from pvt_lightning.evaluation.report import (
-        _json_safe,
-        per_class_csv,
-        recall_at_precision_report,
-    )
-    from pvt_lightning.tags import RECALL_AT_PRECISION
-    from pvt_lightning.training.recall_at_precision import DEFAULT_PRECISIONS
-
     logits, targets = logits.float().cpu(), targets.float().cpu()
     point = operating_point
     temperature = point.temperature if point else fit_sigmoid_temperature(logits, targets) if calibrate else 1.0
@@ -210,11 +196,7 @@ def multilabel_evaluation_files(logits: torch.Tensor, targets: torch.Tensor, pat
     report["calibration"] = ({"temperature": temperature, "scope": "one temperature over all classes",
                               "bce_before": bce(logits, targets), "bce_after": bce(logits, targets, temperature)}
                              if scaled else None)
-    report["recall_at_precision"] = recall_at_precision_report(raw, targets.long(), class_names,
-                                                               report_precisions or DEFAULT_PRECISIONS)
-    for label, at in report["recall_at_precision"]["precisions"].items():
-        for name, value in at["per_class"].items():
-            report["per_class"][name][f"{RECALL_AT_PRECISION}{label}"] = value
+    add_recall_at_precision(report, raw, targets.long(), class_names, report_precisions)
     if point is None and (target_precision is not None or target_recall is not None):
         target = {"precision": target_precision} if target_precision is not None else {"recall": target_recall}
         thresholds = choose_multilabel_thresholds(probs, targets, class_names, target_precision, target_recall)

@@ -55,6 +55,17 @@ def per_class_csv(report: dict[str, Any], operating: dict[str, Any] | None = Non
     return out.getvalue()
 
 
+def add_recall_at_precision(report: dict, probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                            precisions: Sequence[float] | None) -> None:
+    """``report["recall_at_precision"]`` (``recall_at_precision_report``), and each class's recall at each P as a
+    ``recall@precisionP`` column of ``report["per_class"]``."""
+    report["recall_at_precision"] = recall_at_precision_report(probs, targets, class_names,
+                                                               precisions or DEFAULT_PRECISIONS)
+    for label, at in report["recall_at_precision"]["precisions"].items():
+        for name, value in at["per_class"].items():
+            report["per_class"][name][f"{RECALL_AT_PRECISION}{label}"] = value
+
+
 def recall_at_precision_report(probs: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
                                precisions: Sequence[float]) -> dict[str, Any]:
     """report.json's ``recall_at_precision``: how it was computed and, per P, the macro mean and the classes that
@@ -200,11 +211,7 @@ def evaluation_files(logits: torch.Tensor, targets: torch.Tensor, paths: Sequenc
     report = {"checkpoint": checkpoint, "split": split, **(extra or {}),
               **classification_report(logits, targets, class_names)}
     report["calibration"] = calibration_summary(logits, targets, temperature) if scaled else None
-    report["recall_at_precision"] = recall_at_precision_report(calibrated_probs(logits), targets, class_names,
-                                                               report_precisions or DEFAULT_PRECISIONS)
-    for label, at in report["recall_at_precision"]["precisions"].items():
-        for name, value in at["per_class"].items():
-            report["per_class"][name][f"{RECALL_AT_PRECISION}{label}"] = value
+    add_recall_at_precision(report, calibrated_probs(logits), targets, class_names, report_precisions)
     if point is None and (target_precision is not None or target_recall is not None):
         target = {"precision": target_precision} if target_precision is not None else {"recall": target_recall}
         thresholds = choose_thresholds(probs, targets, class_names, target_precision, target_recall)
