@@ -89,14 +89,18 @@ class PredictionCsvWriter(BasePredictionWriter):
     def part(self, rank: int, attempt: int | None = None) -> Path:
         return self.path.with_name(f".{self.path.name}.{self.attempt if attempt is None else attempt}.rank{rank}.part")
 
+    def _numbers(self, part: Path) -> tuple[int, int] | None:
+        """(attempt, rank) of one of this output's part files (``part``'s naming), None for any other file."""
+        match = re.fullmatch(rf"\.{re.escape(self.path.name)}\.(\d+)\.rank(\d+)\.part", part.name)
+        return (int(match[1]), int(match[2])) if match else None
+
     def parts(self) -> list[Path]:
-        """Every part on disk for this output, any attempt and rank."""
-        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(\d+)\.rank(\d+)\.part")
-        found = [p for p in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.part") if pattern.fullmatch(p.name)]
-        return sorted(found, key=lambda p: tuple(int(x) for x in pattern.fullmatch(p.name).groups()))
+        """Every part on disk for this output, any attempt and rank, by attempt then rank."""
+        found = [p for p in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.part") if self._numbers(p)]
+        return sorted(found, key=self._numbers)
 
     def _attempt_of(self, part: Path) -> int:
-        return int(part.name[len(self.path.name) + 2:].split(".", 1)[0])
+        return self._numbers(part)[0]
 
     @property
     def settings_file(self) -> Path:
@@ -190,7 +194,7 @@ class PredictionCsvWriter(BasePredictionWriter):
         """Join the parts (all attempts' unless ``overwrite`` started over; a path written twice is kept once)
         into the output, then remove them. Returns the number of rows."""
         parts = self.parts() if not self.overwrite else [p for p in self.parts() if self._attempt_of(p) == self.attempt]
-        labels = {part.name: f"run {self._attempt_of(part) + 1} rank {part.name.rsplit('.rank', 1)[1][:-5]}"
+        labels = {part.name: "run {} rank {}".format(self._numbers(part)[0] + 1, self._numbers(part)[1])
                   for part in parts}
         counts: dict[str, int] = {}
         rows = _unique_rows(parts, len(self.columns), counts)
