@@ -33,6 +33,10 @@ class LastCheckpointSaver(Callback):
         self._last_save_time = time.monotonic()
         self.saved_path: str | None = None
         self.saved_step: int | None = None
+        self._validated_step: int | None = None
+        """The global step of the latest validation (not the sanity check)."""
+        self._written: tuple[int, bool] | None = None
+        """(global step, whether it followed a validation at that step) of the latest checkpoint written."""
 
     @property
     def path(self) -> str:
@@ -61,7 +65,7 @@ class LastCheckpointSaver(Callback):
             self._validated_step = trainer.global_step  # runs before ModelCheckpoint's (Lightning puts it last)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self._written = (trainer.global_step, getattr(self, "_validated_step", None) == trainer.global_step)
+        self._written = (trainer.global_step, self._validated_step == trainer.global_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Lightning's ModelCheckpoint rewrites last.ckpt only when it also writes a best checkpoint: after an epoch
@@ -69,8 +73,7 @@ class LastCheckpointSaver(Callback):
         again. Write it here when this epoch ended with a validation that no save followed (an epoch stopped early
         by --max-steps keeps its mid-epoch checkpoint, so a resume continues inside that epoch)."""
         step = trainer.global_step
-        if (not trainer.fast_dev_run and getattr(self, "_validated_step", None) == step
-                and getattr(self, "_written", None) != (step, True)):
+        if not trainer.fast_dev_run and self._validated_step == step and self._written != (step, True):
             self.save(trainer, force=True)
 
     def save(self, trainer: L.Trainer, force: bool = False) -> None:
