@@ -161,7 +161,12 @@ def cli(*argv: str, **kwargs) -> subprocess.Popen:
 
 
 def finished(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank, so none is left holding a core or a port
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"still running after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
     assert proc.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}"
     return out
 
@@ -191,7 +196,7 @@ def test_a_killed_predict_resumes_without_duplicates(model, reference, tmp_path,
     while not (first.exists() and first.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: every rank
-    proc.communicate()
+    proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "killed before it finished"
     assert not out.exists()
     parts = sorted(tmp_path.glob(".preds.csv.0.rank*.part"))
