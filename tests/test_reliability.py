@@ -197,6 +197,46 @@ def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
     assert "served after SIGTERM: True" in proc.stdout
 
 
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # an unreaped zombie has ended
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_loader_workers_end_at_once_when_their_main_process_is_killed():
+    """The main process is SIGKILLed (an OOM kill) while its workers start: they end too. PyTorch's own check
+    reads the parent's pid once the worker loop starts, too late here: the orphans would wait forever, holding
+    the pipes of whoever ran the main process (this test's subprocess.run, or pytest-xdist's controller)."""
+    code = (
+        "import os, signal, time, torch\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from pvt_lightning.data.dataset import worker_init\n"
+        "class WorkerPids(Dataset):\n"
+        "    def __len__(self): return 64\n"
+        "    def __getitem__(self, i): return os.getpid()\n"
+        "def slow_start(worker_id):\n"
+        "    worker_init(worker_id)\n"
+        "    time.sleep(2)  # the main process dies meanwhile\n"
+        "loader = DataLoader(WorkerPids(), batch_size=2, num_workers=2, worker_init_fn=slow_start,\n"
+        "                    multiprocessing_context='fork')\n"
+        "batches = iter(loader)\n"
+        "print(*(worker.pid for worker in batches._workers), flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    workers = [int(pid) for pid in proc.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 8.0  # past the start-up sleep and PyTorch's 5 s poll
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(running(pid) for pid in workers), "a loader worker outlived its killed main process"
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tmp_path):
     class Unpicklable:
         def __reduce__(self):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +19,8 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from pvt_lightning.data.decode import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from pvt_lightning.errors import BadImageError, DataError, PATH_ERRORS, printable
 from pvt_lightning.data.index import Sample, SampleIndex
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 log = logging.getLogger("pvt_lightning.data")
 
@@ -182,11 +186,31 @@ def worker_init(worker_id: int) -> None:
     survival of a SIGTERM sent to the whole job (see ``outlive_job_sigterm``)."""
     import cv2
 
+    die_with_main_process()
     outlive_job_sigterm()
     cv2.setNumThreads(0)
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, ImageDataset):
         info.dataset.reseed(info.seed)
+
+
+def die_with_main_process() -> None:
+    """In a worker (Linux): the kernel kills it when the process that started it ends, however that ends.
+
+    PyTorch's own check (the parent's pid, read when the worker loop starts) misses a parent that dies while
+    the worker starts up; such an orphan then waits forever, holding its memory and every inherited file
+    descriptor (a test runner's pipe among them). The signal follows the thread that created the loader, which
+    is the training or prediction loop's thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():  # it died before the request above
+        os._exit(1)
 
 
 def outlive_job_sigterm() -> None:

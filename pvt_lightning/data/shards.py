@@ -154,7 +154,11 @@ class ShardImageDataset(ImageDataset):
         if self._stream is None or self._stream_pid != os.getpid():
             from litdata import StreamingDataset
 
-            self._stream, self._stream_pid = StreamingDataset(self.shard_dir), os.getpid()
+            # batch_decode=0: deserialise the item asked for. LitData's default for small items decodes a window
+            # of ~256 neighbours per read (made for its sequential streaming), which under our random access by
+            # index threw away 255 of them: 5.9 ms per 1 KB digit instead of 0.02 ms.
+            self._stream = StreamingDataset(self.shard_dir, batch_decode=0)
+            self._stream_pid = os.getpid()
         return self._stream
 
     def read(self, index: int) -> np.ndarray:
