@@ -237,6 +237,46 @@ def test_loader_workers_end_at_once_when_their_main_process_is_killed():
     assert not any(running(pid) for pid in workers), "a loader worker outlived its killed main process"
 
 
+def test_a_worker_never_frees_the_main_process_garbage(tmp_path):
+    """An onnxruntime session left uncollected in a reference cycle when the loader forks: a collection inside the
+    worker would run its destructor, which waits forever for the main process's thread-pool threads."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [4, 2], [0.5] * 8)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "m.onnx")
+    code = (
+        "import gc, sys, time, numpy as np, onnxruntime as ort\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "from pvt_lightning.data.dataset import worker_init\n"
+        "class Cycle: pass\n"
+        "garbage = Cycle(); garbage.me = garbage\n"
+        "options = ort.SessionOptions(); options.intra_op_num_threads = 2\n"
+        "garbage.session = ort.InferenceSession(sys.argv[1], options, providers=['CPUExecutionProvider'])\n"
+        "garbage.session.run(None, {'x': np.ones((1, 4), np.float32)})\n"
+        "time.sleep(0.5)  # its pool threads now wait on a condition variable\n"
+        "del garbage\n"
+        "class Collecting(Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i):\n"
+        "        gc.collect()\n"
+        "        return i\n"
+        "loader = DataLoader(Collecting(), batch_size=4, num_workers=1, worker_init_fn=worker_init,\n"
+        "                    multiprocessing_context='fork')\n"
+        "print(sum(len(batch) for batch in loader), flush=True)\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader worker hung freeing an onnxruntime session it inherited")
+    assert proc.returncode == 0 and proc.stdout.split() == ["8"], proc.stderr[-3000:]
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tmp_path):
     class Unpicklable:
         def __reduce__(self):

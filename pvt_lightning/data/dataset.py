@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing
 import os
@@ -186,6 +187,11 @@ def worker_init(worker_id: int) -> None:
     survival of a SIGTERM sent to the whole job (see ``outlive_job_sigterm``)."""
     import cv2
 
+    # A forked worker inherits the main process's uncollected garbage. Freed here, an object owning threads
+    # of the main process (an onnxruntime session left in a reference cycle by an earlier export or predict in
+    # the same process, as in a notebook) waits in its destructor for threads the fork did not copy: the
+    # worker hangs and the loader with it. Frozen, the worker's collector never visits what it inherited.
+    gc.freeze()
     die_with_main_process()
     outlive_job_sigterm()
     cv2.setNumThreads(0)
