@@ -217,7 +217,9 @@ def test_audit_command_writes_every_file_with_its_columns(small_run, tmp_path, c
     assert effect["leaked_images"] >= 2 and effect["all"]["images"] == 18
     assert effect["without_leaked"]["images"] == 18 - effect["leaked_images"]
     assert report["per_class"]["a"]["images"] == {"train": 7, "val": 6, "test": 2}
-    assert report["memory"]["bound_bytes"] > 0 and report["seconds"]["total"] > 0
+    steps = report["seconds"]
+    assert report["memory"]["bound_bytes"] > 0 and steps["total"] > 0
+    assert 0 < steps["embedding"] + steps["duplicates"] + steps["label_issues"] <= steps["total"], steps
     assert "## Duplicates" in (out / "summary.md").read_text()
     assert "duplicate pairs" in capsys.readouterr().out
 

@@ -156,8 +156,8 @@ def find_duplicates(embedded: Embedded, neighbours: int = 10, min_similarity: fl
     thumbs = embedded.thumbnails
     correlation: list[float] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV releases the GIL
-        for start in range(0, len(keys), 4096):  # map() submits every task at once: a future per pair in memory
-            batch = keys[start:start + 4096].tolist()
+        for first in range(0, len(keys), 4096):  # map() submits every task at once: a future per pair in memory
+            batch = keys[first:first + 4096].tolist()
             correlation += pool.map(lambda k: aligned_correlation(thumbs[k[0]], thumbs[k[1]]), batch)
     pairs = [Pair(i, j, 1.0, int(hash_distance(embedded.phash, np.array([i]), np.array([j]))[0]), True)
              for i, j in sorted(exact)]
