@@ -198,11 +198,12 @@ def test_loader_workers_outlive_a_foreign_sigterm_but_not_their_main_process():
 
 
 def running(pid: int) -> bool:
+    import psutil
+
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # an unreaped zombie has ended
+    except psutil.NoSuchProcess:
         return False
-    return state not in ("Z", "X")  # an unreaped zombie has ended
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
